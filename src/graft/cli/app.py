@@ -1,0 +1,50 @@
+"""Root of the ``graft`` CLI: registers each subcommand explicitly and turns graft's own
+errors into one line on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from graft import __version__
+from graft.cli import demo, inspect_cmd, merge, methods
+from graft.io import GraftIOError
+from graft.recipe import RecipeError
+
+app = typer.Typer(
+    name="graft",
+    help="Reuse pretrained models: merge checkpoints (mergekit recipes), inspect them, and more.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"graft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """graft: merge, transfer, compress, check and find PyTorch / Hugging Face checkpoints."""
+
+
+app.command("merge")(merge.merge)
+app.command("methods")(methods.methods)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    try:
+        app()
+    except (GraftIOError, RecipeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,67 @@
+"""``graft inspect PATH``: what a checkpoint holds, read from its headers only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from graft.io import open_checkpoint
+from graft.plan.arch import count_blocks
+
+
+def inspect(
+    path: Path = typer.Argument(..., help="Model folder, .safetensors or .bin/.pt file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+) -> None:
+    """Show architecture, parameter count, dtypes and tensors of a checkpoint (headers only)."""
+    with open_checkpoint(path) as ckpt:
+        infos = [ckpt.info(n) for n in ckpt.names]
+        config = ckpt.config or {}
+        dtype_params = Counter()
+        for i in infos:
+            dtype_params[str(i.dtype).replace("torch.", "")] += _numel(i.shape)
+        summary = {
+            "path": str(path),
+            "architecture": (config.get("architectures") or [None])[0],
+            "model_type": config.get("model_type"),
+            "num_layers": count_blocks(ckpt.names, config),
+            "num_tensors": len(infos),
+            "num_params": sum(_numel(i.shape) for i in infos),
+            "bytes": sum(i.nbytes for i in infos),
+            "params_by_dtype": dict(dtype_params),
+            "files": sorted({str(i.file) for i in infos}),
+        }
+        if tensors or as_json:
+            summary["tensors"] = [
+                {"name": i.name, "dtype": str(i.dtype).replace("torch.", ""), "shape": list(i.shape)}
+                for i in infos
+            ]
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{summary['path']}[/]")
+    for key in ("architecture", "model_type", "num_layers", "num_tensors"):
+        console.print(f"  {key}: {summary[key]}")
+    console.print(f"  parameters: {summary['num_params']:,} ({summary['bytes'] / 1e9:.3f} GB)")
+    for dt, n in summary["params_by_dtype"].items():
+        console.print(f"    {dt}: {n:,}")
+    console.print(f"  files: {len(summary['files'])}")
+    if tensors:
+        table = Table("tensor", "dtype", "shape")
+        for t in summary["tensors"]:
+            table.add_row(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
+        console.print(table)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

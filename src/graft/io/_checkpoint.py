@@ -1,0 +1,324 @@
+"""Lazy, per-tensor reading of checkpoints: safetensors files, sharded HF dirs, torch files."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from graft.io._errors import GraftIOError
+from graft.io._format import Header, TensorInfo, parse_header
+
+# Files of a Hugging Face model dir, in the order we prefer them.
+_ST_INDEX, _ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
+_PT_INDEX, _PT_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+# A private (copy-on-write) map reports a writable buffer, so torch.frombuffer gives a
+# view without warning, and a stray write can only touch this process's copy of a page,
+# never the file. MAP_NORESERVE (Python >= 3.13) keeps the kernel from charging the whole
+# file against the overcommit limit for copies that are never made.
+_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+
+
+class Checkpoint:
+    """A read-only, lazily loaded set of named tensors on disk. Get one with `open_checkpoint`.
+
+    Header facts (`names`, `info`, `total_bytes`, ...) come from file headers only. `get`
+    reads one tensor and is safe to call from several threads at once.
+
+    Attributes:
+        path: the path as given to `open_checkpoint`.
+        root: the model directory (holding config.json, tokenizer files), or None for a
+            bare file.
+        names: tensor names in file order (shard by shard, then by position in the file).
+        metadata: the safetensors ``__metadata__`` of the first file ({} for torch files).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        root: Path | None,
+        infos: list[TensorInfo],
+        *,
+        offsets: dict[str, int] | None = None,
+        file_sizes: dict[Path, int] | None = None,
+        loaded: dict[str, torch.Tensor] | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = path
+        self.root = root
+        self.names = [i.name for i in infos]
+        self.metadata = metadata or {}
+        self._infos = {i.name: i for i in infos}
+        self._offsets = offsets or {}
+        self._file_sizes = file_sizes or {}
+        self._loaded = loaded
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._config: dict | None = None
+        self._config_read = False
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    @property
+    def config(self) -> dict | None:
+        """The parsed config.json of `root`, or None when there is none."""
+        if not self._config_read:
+            self._config = _read_config(self.root)
+            self._config_read = True
+        return self._config
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape, size and file of tensor `name`, from the header.
+
+        Raises:
+            GraftIOError: no tensor has that name.
+        """
+        info = self._infos.get(name)
+        if info is None:
+            raise GraftIOError(
+                f"tensor {name!r} is not in checkpoint {self.path}; check the name "
+                f"(`graft inspect {self.path}` lists them)"
+            )
+        return info
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, as a CPU tensor in its stored dtype.
+
+        For safetensors files the result is a view into a private memory map of the file:
+        nothing is copied until the caller converts it (e.g. ``.to(torch.float32)``).
+        Treat it as read-only: a write can never reach the file, but it would change what
+        later `get` calls in this process return. The view stays valid after `close`.
+
+        Raises:
+            GraftIOError: no tensor has that name, or the checkpoint is closed.
+        """
+        info = self.info(name)
+        if self._closed:
+            raise GraftIOError(f"checkpoint {self.path} is closed; open it again to read {name!r}")
+        if self._loaded is not None:
+            return self._loaded[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf, offset = self._map(info.file), self._offsets[name]
+        if offset % info.dtype.itemsize:
+            # Files from other writers may leave data unaligned; kernels expect alignment,
+            # so copy into fresh (aligned) memory instead of viewing.
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=offset)
+            return raw.clone().view(info.dtype).reshape(info.shape)
+        view = torch.frombuffer(buf, dtype=info.dtype, count=info.numel, offset=offset)
+        return view.reshape(info.shape)
+
+    def close(self) -> None:
+        """Release the memory maps. Tensors already returned keep their map alive."""
+        with self._lock:
+            self._closed = True
+            self._maps.clear()
+            self._loaded = {} if self._loaded is not None else None
+
+    def _map(self, file: Path) -> mmap.mmap:
+        buf = self._maps.get(file)
+        if buf is None:
+            with self._lock:
+                buf = self._maps.get(file)
+                if buf is None:
+                    buf = _map_file(file, self._file_sizes[file])
+                    self._maps[file] = buf
+        return buf
+
+
+def _map_file(file: Path, expected_size: int) -> mmap.mmap:
+    try:
+        with open(file, "rb") as f:
+            if os.fstat(f.fileno()).st_size != expected_size:
+                raise GraftIOError(
+                    f"{file} changed on disk since it was opened; open the checkpoint again"
+                )
+            return mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise GraftIOError(
+            f"cannot map {file}: {e.strerror}; check the file and free memory"
+        ) from e
+
+
+def _read_config(root: Path | None) -> dict | None:
+    if root is None or not (root / "config.json").is_file():
+        return None
+    path = root / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GraftIOError(f"cannot parse {path}: {e}; fix or re-download it") from e
+    if not isinstance(config, dict):
+        raise GraftIOError(f"{path} is not a JSON object; fix or re-download it")
+    return config
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint for lazy reading; only headers are read here.
+
+    Accepts a Hugging Face model dir (``model.safetensors``, sharded safetensors with
+    ``model.safetensors.index.json``, or ``pytorch_model.bin`` / its sharded index), a
+    single ``.safetensors`` file, or a ``.bin``/``.pt``/``.pth`` file. Torch files are read
+    only with ``torch.load(weights_only=True, mmap=True)``, which refuses pickled code.
+
+    Raises:
+        GraftIOError: the path is missing, holds nothing loadable, is a PEFT adapter, or a
+            file in it is corrupt or unsafe.
+    """
+    given = Path(path)
+    if not given.exists():
+        raise GraftIOError(f"no such file or directory: {given}")
+    if given.is_dir():
+        return _open_dir(given)
+    if given.suffix == ".safetensors":
+        return _open_safetensors(given, None, [given], None)
+    if given.suffix in _TORCH_SUFFIXES:
+        return _open_torch(given, None, [given], None)
+    raise GraftIOError(
+        f"{given} is not a checkpoint graft reads; pass a .safetensors, .bin, .pt or .pth "
+        "file or a Hugging Face model directory"
+    )
+
+
+def _open_dir(d: Path) -> Checkpoint:
+    if (d / _ST_INDEX).is_file():
+        names, shards = _read_index(d / _ST_INDEX)
+        return _open_safetensors(d, d, shards, names)
+    if (d / _ST_SINGLE).is_file():
+        return _open_safetensors(d, d, [d / _ST_SINGLE], None)
+    if (d / _PT_INDEX).is_file():
+        names, shards = _read_index(d / _PT_INDEX)
+        return _open_torch(d, d, shards, names)
+    if (d / _PT_SINGLE).is_file():
+        return _open_torch(d, d, [d / _PT_SINGLE], None)
+    if (d / "adapter_config.json").is_file():
+        raise GraftIOError(
+            f"{d} is a PEFT adapter (adapter_config.json), not a full checkpoint; "
+            "merge it into its base model first or pass the base model directory"
+        )
+    found = sorted(p.name for p in d.iterdir() if p.suffix in (".safetensors", *_TORCH_SUFFIXES))
+    hint = f"; found {', '.join(found)}: pass one of those files directly" if found else ""
+    raise GraftIOError(
+        f"no checkpoint in {d}: expected {_ST_SINGLE}, {_ST_INDEX}, {_PT_SINGLE} or {_PT_INDEX}"
+        + hint
+    )
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """The index's name -> shard file map, and the shard paths in name order."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GraftIOError(f"cannot parse {index}: {e!r}; re-download the checkpoint") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+    ):
+        raise GraftIOError(f"{index} has a malformed weight_map; re-download the checkpoint")
+    shards = [index.parent / f for f in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise GraftIOError(
+                f"shard {shard.name} listed in {index} is missing; re-download the checkpoint"
+            )
+    return weight_map, shards
+
+
+def _check_index(names: dict[str, str] | None, found: dict[str, Path]) -> None:
+    for name, shard in (names or {}).items():
+        if found.get(name, Path()).name != shard:
+            raise GraftIOError(
+                f"index maps tensor {name!r} to {shard}, which does not hold it; "
+                "re-download the checkpoint"
+            )
+
+
+def _open_safetensors(
+    path: Path, root: Path | None, files: list[Path], index: dict[str, str] | None
+) -> Checkpoint:
+    headers: list[Header] = [parse_header(f) for f in files]
+    located = [t for h in headers for t in h.tensors]
+    if index is not None:
+        located = [t for t in located if index.get(t.info.name) == t.info.file.name]
+    _check_index(index, {t.info.name: t.info.file for t in located})
+    return Checkpoint(
+        path,
+        root,
+        [t.info for t in located],
+        offsets={t.info.name: t.offset for t in located},
+        file_sizes={f: h.file_size for f, h in zip(files, headers, strict=True)},
+        metadata=headers[0].metadata if headers else {},
+    )
+
+
+def _open_torch(
+    path: Path, root: Path | None, files: list[Path], index: dict[str, str] | None
+) -> Checkpoint:
+    infos, loaded = [], {}
+    for file in files:
+        for name, t in _torch_load(file).items():
+            if index is not None and index.get(name) != file.name:
+                continue
+            nbytes = t.numel() * t.element_size()
+            infos.append(TensorInfo(name, t.dtype, tuple(t.shape), nbytes, file))
+            loaded[name] = t
+    _check_index(index, {i.name: i.file for i in infos})
+    return Checkpoint(path, root, infos, loaded=loaded)
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as e:  # torch.load raises many types; all mean "not a safe weights file"
+        raise GraftIOError(
+            f"refusing to load {file}: torch.load(weights_only=True, mmap=True) failed "
+            f"({_reason(e)}); convert it to safetensors where you trust its source"
+        ) from e
+    if not isinstance(obj, dict):
+        raise GraftIOError(
+            f"{file} holds a {type(obj).__name__}, not a state dict; save model.state_dict()"
+        )
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise GraftIOError(
+                f"{file} is not a flat state dict (entry {key!r} is a {type(value).__name__}); "
+                "save model.state_dict() instead"
+            )
+    return obj
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of a (often multi-paragraph) torch.load error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    line = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0])
+    return line if len(line) <= 200 else line[:197] + "..."

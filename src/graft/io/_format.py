@@ -1,0 +1,198 @@
+"""The safetensors file format: dtype codes, header parsing with validation, header encoding.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON, then the
+data section. The JSON maps each tensor name to ``{"dtype", "shape", "data_offsets"}``
+(offsets relative to the data section) plus an optional ``"__metadata__"`` str->str map.
+The reference loader requires the tensors' byte ranges to tile the data section exactly
+(sorted by offset: no gap, no overlap, nothing after the last one), whatever the order
+of the JSON keys; we enforce the same, so any file graft accepts, safetensors accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft.io._errors import GraftIOError
+
+# The reference implementation refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100_000_000
+
+_CODES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+    "C64": "complex64",
+}
+# Older torch builds lack some dtypes (uint16+ arrived in 2.3, float8_e8m0fnu in 2.7).
+DTYPE_OF_CODE: dict[str, torch.dtype] = {
+    code: getattr(torch, name) for code, name in _CODES.items() if hasattr(torch, name)
+}
+CODE_OF_DTYPE: dict[torch.dtype, str] = {dt: code for code, dt in DTYPE_OF_CODE.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a checkpoint header says about one tensor; no tensor data is read to get it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Located:
+    """A tensor's header entry plus the absolute byte offset of its data in `info.file`."""
+
+    info: TensorInfo
+    offset: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header. `tensors` is in file (data offset) order."""
+
+    tensors: list[Located]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def parse_header(path: Path) -> Header:
+    """Read and validate the header of the safetensors file at `path`.
+
+    Raises:
+        GraftIOError: the file cannot be read, or its header is corrupt, truncated or
+            inconsistent with the file size.
+    """
+
+    def corrupt(why: str) -> GraftIOError:
+        return GraftIOError(
+            f"corrupt or truncated safetensors file {path}: {why}; re-download or re-save it"
+        )
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise corrupt(f"{size} bytes is too short to hold a header")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise corrupt(f"header length {n} does not fit a {size}-byte file")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise GraftIOError(f"no such file or directory: {path}") from None
+    except OSError as e:
+        raise GraftIOError(
+            f"cannot read {path}: {e.strerror}; check the path and permissions"
+        ) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise corrupt("__metadata__ is not a map of strings to strings")
+
+    data_start = 8 + n
+    spans = [_parse_entry(path, name, spec, corrupt) for name, spec in header.items()]
+    spans.sort(key=lambda s: (s[1], s[2]))  # stable: equal 0-byte spans keep header order
+    tensors, pos = [], 0
+    for info, begin, end in spans:
+        if data_start + end > size:
+            raise corrupt(f"tensor {info.name!r} ends at byte {data_start + end}, past the end")
+        if begin != pos:
+            raise corrupt(f"tensor {info.name!r} starts at data byte {begin}, expected {pos}")
+        tensors.append(Located(info, data_start + begin))
+        pos = end
+    if data_start + pos != size:
+        raise corrupt(f"tensors cover {pos} data bytes but the file has {size - data_start}")
+    return Header(tensors, metadata, size)
+
+
+def _parse_entry(path: Path, name: str, spec: object, corrupt) -> tuple[TensorInfo, int, int]:
+    if not isinstance(spec, dict):
+        raise corrupt(f"entry for tensor {name!r} is not an object")
+    code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if code not in DTYPE_OF_CODE:
+        known = ", ".join(DTYPE_OF_CODE)
+        raise corrupt(f"tensor {name!r} has unknown dtype {code!r} (graft reads {known})")
+    if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
+        raise corrupt(f"tensor {name!r} has a malformed shape or data_offsets")
+    dtype, (begin, end) = DTYPE_OF_CODE[code], offsets
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise corrupt(
+            f"tensor {name!r} spans {end - begin} bytes, its shape and dtype need {nbytes}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), nbytes, path), begin, end
+
+
+def _is_int_list(x: object) -> bool:
+    return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+
+
+def encode_header(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]], metadata: dict[str, str]
+) -> bytes:
+    """The 8-byte length plus JSON header for `(name, dtype, shape, begin, end)` entries.
+
+    The JSON is padded with spaces to a multiple of 8 bytes, as the reference writer does,
+    so the data section starts 8-byte aligned in the file (and in a memory map of it).
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    for name, dtype, shape, begin, end in entries:
+        header[name] = {
+            "dtype": CODE_OF_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [begin, end],
+        }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read the tensor table and ``__metadata__`` of one safetensors file, without its data.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        ``({name: TensorInfo}, metadata)``, names in file order.
+
+    Raises:
+        GraftIOError: the file is missing, unreadable, corrupt or truncated.
+    """
+    header = parse_header(Path(path))
+    return {t.info.name: t.info for t in header.tensors}, header.metadata

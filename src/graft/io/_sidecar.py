@@ -1,0 +1,145 @@
+"""The files that travel with the weights: config, generation config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from graft.io._errors import GraftIOError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "chat_template.jinja",
+)
+# Values the Hugging Face Hub understands for `base_model_relation`.
+_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def copy_sidecar_files(
+    src_root: str | os.PathLike | None, dst: str | os.PathLike, *, config: dict | None
+) -> list[str]:
+    """Write ``config.json`` and copy generation config and tokenizer files into `dst`.
+
+    Args:
+        src_root: the source model dir, or None when there is none (a bare file).
+        dst: the output dir.
+        config: the config to write (the caller may have edited it); None writes none.
+
+    Returns:
+        The names of the files written, in order. Missing optional files are skipped.
+    """
+    dst = Path(dst)
+    written = []
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        written.append("config.json")
+    if src_root is not None:
+        written += _copy_present(Path(src_root), dst, ("generation_config.json", *TOKENIZER_FILES))
+    return written
+
+
+def copy_tokenizer(src_root: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of `src_root` into `dst` (for a recipe's tokenizer_source).
+
+    Returns:
+        The names of the files copied.
+
+    Raises:
+        GraftIOError: `src_root` is not a directory or holds no tokenizer file.
+    """
+    src = Path(src_root)
+    if not src.is_dir():
+        raise GraftIOError(f"tokenizer source {src} is not a directory; pass a model directory")
+    copied = _copy_present(src, Path(dst), TOKENIZER_FILES)
+    if not copied:
+        raise GraftIOError(
+            f"no tokenizer files in {src} (expected e.g. tokenizer.json or tokenizer.model); "
+            "point tokenizer_source at a model directory with a tokenizer"
+        )
+    return copied
+
+
+def _copy_present(src: Path, dst: Path, names: Sequence[str]) -> list[str]:
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            try:
+                shutil.copyfile(src / name, dst / name)
+            except OSError as e:
+                raise GraftIOError(f"cannot copy {src / name}: {e.strerror}") from e
+            copied.append(name)
+    return copied
+
+
+def recipe_hash(text: str) -> str:
+    """A short, stable fingerprint of a recipe: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def write_model_card(
+    dst: str | os.PathLike,
+    *,
+    base_models: Sequence[str],
+    relation: str = "merge",
+    tags: Sequence[str] = ("graft", "merge"),
+    recipe_yaml: str,
+    extra_md: str = "",
+    title: str | None = None,
+) -> Path:
+    """Write ``README.md`` with Hub front matter (base_model, relation, tags) and the recipe.
+
+    Args:
+        dst: the output dir.
+        base_models: Hub ids or paths of the models it was made from.
+        relation: the Hub's ``base_model_relation``: merge, adapter, quantized or finetune.
+        tags: Hub tags.
+        recipe_yaml: the recipe text, shown verbatim and fingerprinted.
+        extra_md: Markdown appended to the body.
+        title: the heading; defaults to ``graft <relation> of <model names>``.
+
+    Returns:
+        The path of the card.
+
+    Raises:
+        ValueError: `relation` is not one the Hub understands.
+    """
+    if relation not in _RELATIONS:
+        raise ValueError(f"relation must be one of {', '.join(_RELATIONS)}, got {relation!r}")
+    front = {
+        "base_model": list(base_models),
+        "base_model_relation": relation,
+        "library_name": "transformers",
+        "tags": list(tags),
+    }
+    models = "\n".join(f"- {m}" for m in base_models)
+    if title is None:
+        title = f"graft {relation} of {', '.join(Path(m).name for m in base_models)}"
+    # A fence longer than any backtick run inside the recipe cannot be closed by it.
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", recipe_yaml)), default=0))
+    card = (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# {title}\n\n"
+        f"Made with graft ({relation}) from:\n\n{models}\n\n"
+        f"## Recipe\n\n{fence}yaml\n{recipe_yaml.rstrip()}\n{fence}\n\n"
+        f"Recipe hash: `{recipe_hash(recipe_yaml)}`\n"
+    )
+    if extra_md:
+        card += f"\n{extra_md.rstrip()}\n"
+    path = Path(dst) / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path

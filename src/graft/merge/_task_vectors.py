@@ -1,0 +1,165 @@
+"""Steps shared by the task-vector family (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, LiNeS).
+
+Every method in the family has the same shape (mergekit calls it "generalized task
+arithmetic"): take the deltas ``δᵢ = θᵢ − θ₀``, optionally sparsify each one, weight them,
+optionally run the TIES sign election, sum (or average), scale by ``lambda`` and add the
+base. This module holds the steps that do not depend on the sparsifier, plus the recipe
+parameters the whole family accepts with mergekit's names and meanings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from graft.merge._spec import REQUIRED, Param, density_check
+
+# A weight sum below this is treated as zero when normalising (mergekit's guard).
+_ZERO_WEIGHT_SUM = 1e-8
+# Norms below this are not rescaled (mergekit's guard for its L1 rescale).
+_ZERO_NORM = 1e-7
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Stack the deltas ``θᵢ − θ₀`` into one ``(T, *shape)`` tensor."""
+    return torch.stack([t - base for t in tensors])
+
+
+def per_model(values: Sequence[float] | None, n: int, default: float) -> list[float]:
+    """A per-model parameter as a list of ``n`` floats, ``default`` where it was not given."""
+    if values is None:
+        return [default] * n
+    return [float(v) for v in values]
+
+
+def weight_column(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Weights shaped ``(T, 1, ..., 1)`` to broadcast against a ``(T, *shape)`` stack."""
+    w = torch.tensor(list(weight), dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
+
+
+def elect_signs(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES step 2 (elect) on weighted deltas ``wᵢδᵢ`` stacked on dim 0.
+
+    The elected sign is ``γ = sign(Σᵢ wᵢδᵢ)`` with a zero sum counted as ``+``. An entry
+    of model i takes part in the merge when the sign of ``wᵢδᵢ`` equals ``γ``; zero
+    entries (trimmed or dropped) never do. Using the sign of the *weighted* delta follows
+    mergekit and equals the paper's rule for positive weights.
+
+    Returns:
+        Boolean mask, same shape as ``weighted``.
+    """
+    gamma = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == gamma
+
+
+def combine(
+    deltas: torch.Tensor, weight: Sequence[float], *, elect: bool, normalize: bool
+) -> torch.Tensor:
+    """Weighted combination of (already sparsified) deltas.
+
+    Args:
+        deltas: ``(T, *shape)`` stack.
+        weight: one weight per model.
+        elect: run the TIES election and keep only agreeing entries (disjoint merge).
+        normalize: divide by the weights that contributed: ``Σ wᵢmᵢ`` per entry when
+            electing (the paper's disjoint mean; a zero divisor becomes 1), else ``Σ wᵢ``
+            (a sum below 1e-8 in magnitude becomes 1, as in mergekit).
+
+    Returns:
+        The merged delta, shape ``shape``.
+    """
+    w = weight_column(weight, deltas)
+    weighted = deltas * w
+    if elect:
+        agree = elect_signs(weighted)
+        merged = torch.where(agree, weighted, 0).sum(dim=0)
+        if normalize:
+            divisor = torch.where(agree, w, 0).sum(dim=0)
+            merged = merged / torch.where(divisor == 0, 1, divisor)
+        return merged
+    merged = weighted.sum(dim=0)
+    if normalize:
+        total = float(sum(weight))
+        if abs(total) >= _ZERO_WEIGHT_SUM:
+            merged = merged / total
+    return merged
+
+
+def l1_rescale(kept: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """mergekit's rescale: scale ``kept`` so its L1 norm equals that of ``dense``.
+
+    Left unscaled when either norm is below 1e-7. This matches the paper's 1/p rescale
+    only in expectation.
+    """
+    before = dense.abs().sum()
+    after = kept.abs().sum()
+    if before < _ZERO_NORM or after < _ZERO_NORM:
+        return kept
+    return kept * (before / after)
+
+
+def finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
+    """``θ₀ + λ·merged``."""
+    return base + merged * scale if scale != 1 else base + merged
+
+
+def unit_interval_check(name: str):
+    """Validator for parameters that live in ``[0, 1)``."""
+
+    def check(value: float) -> str | None:
+        if not (0.0 <= value < 1.0):
+            return f"{name} must be in [0, 1), got {value}"
+        return None
+
+    return check
+
+
+def rescale_mode_param() -> Param:
+    """``rescale_mode``: how DARE/DELLA rescale kept entries when ``rescale`` is true."""
+    return Param(
+        "rescale_mode",
+        str,
+        "paper",
+        doc="paper: divide kept entries by their keep probability; l1: match the dense "
+        "delta's L1 norm (mergekit)",
+        choices=("paper", "l1"),
+    )
+
+
+def family_params(
+    *,
+    normalize: bool,
+    rescale: bool,
+    rescale_doc: str,
+    density_doc: str = "fraction of delta entries kept",
+) -> tuple[Param, ...]:
+    """The parameters every task-vector method accepts, with mergekit's names and defaults.
+
+    Args:
+        normalize: this method's mergekit default for ``normalize``.
+        rescale: this method's mergekit default for ``rescale``.
+        rescale_doc: what ``rescale`` does for this method.
+        density_doc: what ``density`` does for this method.
+    """
+    return (
+        Param("weight", float, REQUIRED, per_model=True, doc="weight of this model's delta"),
+        Param(
+            "density",
+            float,
+            1.0,
+            per_model=True,
+            doc=density_doc,
+            check=density_check,
+        ),
+        Param("normalize", bool, normalize, doc="divide by the sum of contributing weights"),
+        Param("rescale", bool, rescale, doc=rescale_doc),
+        Param("lambda", float, 1.0, arg="scale", doc="scale of the merged delta"),
+        Param(
+            "int8_mask",
+            bool,
+            False,
+            doc="mergekit memory option; accepted, no effect on the result",
+        ),
+    )

@@ -1,0 +1,110 @@
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging
+Models", NeurIPS).
+
+Per tensor, with ``δᵢ = θᵢ − θ₀``:
+
+1. **Trim**: keep the ``k = int(density·numel)`` entries of ``δᵢ`` with the largest
+   ``|δᵢ|`` (top-k per tensor, not over the whole model); ``k = 0`` keeps nothing.
+   Ties in magnitude go to the lower flat index.
+2. **Elect**: ``γ = sign(Σᵢ wᵢ trim(δᵢ))``; a zero sum counts as ``+``.
+3. **Disjoint merge** over the entries whose sign of ``wᵢ trim(δᵢ)`` equals ``γ``:
+   mean form ``Σ wᵢmᵢ trim(δᵢ) / Σ wᵢmᵢ`` (a zero divisor becomes 1) when ``normalize``
+   (the default: the paper's mean, as in mergekit); sum form ``Σ wᵢmᵢ trim(δᵢ)`` when not
+   (FusionBench's default). The right ``lambda`` differs between the forms by roughly the
+   number of agreeing models.
+4. ``θ₀ + λ·merged``.
+
+Conventions that change results:
+
+* mergekit keeps at least one entry (``k = max(1, ...)``); graft keeps ``int(density·numel)``
+  exactly, so a tiny tensor at low density is left at the base.
+* ``rescale: true`` (default false) scales each trimmed delta to the L1 norm of the
+  untrimmed one, as mergekit does.
+* ``int8_mask`` is mergekit's memory option for the sign mask; it is accepted and does not
+  change the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from graft.merge._spec import MethodSpec
+from graft.merge._task_vectors import (
+    combine,
+    family_params,
+    finish,
+    l1_rescale,
+    per_model,
+    task_vectors,
+)
+
+
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES step 1: keep the ``int(density·numel)`` largest-magnitude entries.
+
+    Args:
+        delta: one model's delta.
+        density: fraction to keep; ``>= 1`` returns ``delta`` itself.
+
+    Returns:
+        ``delta`` with all other entries set to zero.
+    """
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        return torch.zeros_like(delta)
+    order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    keep[order[:k]] = True
+    return torch.where(keep.view_as(delta), delta, 0)
+
+
+def ties(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: bool = False,
+    scale: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Trim, elect sign, disjoint merge.
+
+    Args:
+        tensors: fine-tuned tensors, one per model.
+        base: the base model's tensor.
+        weight: one weight per model.
+        density: per model, fraction of entries kept by the trim (default 1.0).
+        normalize: disjoint mean (true) or disjoint sum (false).
+        rescale: scale each trimmed delta back to its untrimmed L1 norm.
+        scale: ``λ``, applied to the merged delta.
+        int8_mask: accepted for mergekit recipes; no effect.
+
+    Returns:
+        The merged tensor.
+    """
+    deltas = task_vectors(tensors, base)
+    for i, p in enumerate(per_model(density, len(tensors), 1.0)):
+        trimmed = magnitude_trim(deltas[i], p)
+        deltas[i] = l1_rescale(trimmed, deltas[i]) if rescale and p < 1 else trimmed
+    merged = combine(deltas, weight, elect=True, normalize=normalize)
+    return finish(base, merged, scale)
+
+
+SPEC = MethodSpec(
+    name="ties",
+    fn=ties,
+    summary="trim small deltas, elect a sign per entry, average the agreeing ones",
+    params=family_params(
+        normalize=True,
+        rescale=False,
+        rescale_doc="scale each trimmed delta to its untrimmed L1 norm (mergekit)",
+    ),
+    base="required",
+    paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
+)

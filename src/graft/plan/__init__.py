@@ -1,0 +1,17 @@
+"""Planning and the streaming engine: recipe + headers -> one job per output tensor -> run."""
+
+from graft.plan.engine import NonFiniteInputError, RunStats, default_threads, run_plan
+from graft.plan.plan import MergePlan, PlanError, Source, TensorJob, plan_merge, tensor_seed
+
+__all__ = [
+    "MergePlan",
+    "NonFiniteInputError",
+    "PlanError",
+    "RunStats",
+    "Source",
+    "TensorJob",
+    "default_threads",
+    "plan_merge",
+    "run_plan",
+    "tensor_seed",
+]

@@ -1,0 +1,105 @@
+"""Architecture knowledge as data: where the repeated blocks are and how they are counted.
+
+Tensor names of Hugging Face models put the block index after a known container name
+(``model.layers.7.``, ``transformer.h.7.``, ``encoder.layer.7.``). Everything else is
+outside the blocks: *pre* tensors (embeddings) come before them, *post* tensors (final
+norm, head, pooler) after. Depth up-scaling takes pre tensors from the first slice's
+models and post tensors from the last slice's, as mergekit does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+# Containers whose numbered children are the residual blocks. Order does not matter: a
+# name matches at most one of them in the architectures we know.
+BLOCK_CONTAINERS = (
+    "layers",  # Llama, Mistral, Qwen, Gemma, Phi, OPT (decoder.layers), GPT-NeoX
+    "h",  # GPT-2, GPT-J, Falcon, BLOOM
+    "layer",  # BERT, RoBERTa, MiniLM (encoder.layer)
+    "blocks",  # MPT, ViT-style zoo models
+    "block",  # T5
+)
+_BLOCK_RE = re.compile(r"(^|\.)(" + "|".join(BLOCK_CONTAINERS) + r")\.(\d+)\.")
+
+# Tensors outside the blocks that come *before* them.
+_PRE_MARKERS = ("embed", "wte", "wpe", "embeddings", "tok_embeddings", "word_embeddings")
+
+# config.json keys that hold the block count, by model family.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class BlockName:
+    """A tensor name split around its block index: ``prefix{index}suffix``."""
+
+    prefix: str
+    index: int
+    suffix: str
+
+    def renumber(self, index: int) -> str:
+        return f"{self.prefix}{index}{self.suffix}"
+
+
+def split_block_name(name: str) -> BlockName | None:
+    """The block index of a tensor name, or None for tensors outside the blocks."""
+    m = _BLOCK_RE.search(name)
+    if m is None:
+        return None
+    start, end = m.start(3), m.end(3)
+    return BlockName(name[:start], int(m.group(3)), name[end:])
+
+
+def is_pre_block(name: str) -> bool:
+    """True for tensors that precede the blocks (embeddings)."""
+    return any(marker in name for marker in _PRE_MARKERS)
+
+
+def count_blocks(names: Iterable[str], config: Mapping | None = None) -> int:
+    """Number of residual blocks: from config.json when it says, else from tensor names."""
+    if config:
+        for key in LAYER_COUNT_KEYS:
+            value = config.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    indices = [b.index for n in names if (b := split_block_name(n)) is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def with_block_count(config: Mapping, source_layers: list[int]) -> dict:
+    """A copy of config.json for a model whose block i is source block ``source_layers[i]``.
+
+    Sets the block count and re-indexes per-layer lists (e.g. ``layer_types``) so they
+    follow the blocks they describe.
+    """
+    old_count = config_block_count(config)
+    out = dict(config)
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(out.get(key), int):
+            out[key] = len(source_layers)
+            break
+    else:
+        out["num_hidden_layers"] = len(source_layers)
+    if old_count:
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == old_count:
+                out[key] = [value[i] for i in source_layers]
+    return out
+
+
+def config_block_count(config: Mapping) -> int | None:
+    for key in LAYER_COUNT_KEYS:
+        value = config.get(key)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+VOCAB_MARKERS = ("embed_tokens", "wte", "word_embeddings", "lm_head", "tok_embeddings", "embed_out")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Embedding and output-head tensors, whose first dimension is the vocabulary."""
+    return any(marker in name for marker in VOCAB_MARKERS)

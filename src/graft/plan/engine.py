@@ -1,0 +1,218 @@
+"""The streaming pass: compute each planned output tensor and write it, a few at a time.
+
+Memory stays proportional to ``threads x inputs x largest tensor``: a bounded window of
+jobs is in flight, each reads its inputs (one read per tensor, no cache of the model),
+computes in float32 (or the method's dtype) on the chosen device, casts to the output
+dtype and writes the bytes at their planned offset in the output shard. Nothing of the
+model is ever held whole.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graft import __version__
+from graft.io import (
+    ShardedWriter,
+    atomic_output_dir,
+    copy_sidecar_files,
+    copy_tokenizer,
+    recipe_hash,
+    write_model_card,
+)
+from graft.plan.plan import MergePlan, PlanError, TensorJob
+
+
+class NonFiniteInputError(PlanError):
+    """An input tensor holds NaN or Inf and ``strict`` was asked for."""
+
+
+@dataclass
+class RunStats:
+    """What a run did, for the CLI summary and benchmarks."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    shards: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / 1e9 / max(self.seconds, 1e-9)
+
+
+ProgressHook = Callable[[int, int], None]  # (tensors_done_delta, bytes_delta)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_plan(
+    plan: MergePlan,
+    out: str | Path,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    max_shard_bytes: int = 5_000_000_000,
+    force: bool = False,
+    strict: bool = False,
+    progress: ProgressHook | None = None,
+) -> RunStats:
+    """Execute a plan into the model folder ``out`` (atomically).
+
+    Args:
+        plan: from ``plan_merge``.
+        out: output folder; must not exist unless ``force``.
+        threads: tensors computed concurrently (default: cores, at most 4).
+        device: torch device for the math (``cpu``, ``cuda``, ``cuda:1``...).
+        max_shard_bytes: shard size limit for the output safetensors files.
+        force: replace an existing ``out``.
+        strict: NaN/Inf in an input tensor is an error instead of a warning.
+        progress: called after each tensor with (1, bytes read + written).
+    """
+    threads = threads or default_threads()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PlanError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    stats = RunStats()
+    recipe = plan.recipe
+    metadata = {
+        "format": "pt",
+        "graft_version": __version__,
+        "graft_recipe_sha256": recipe_hash(recipe.text),
+        "graft_method": plan.method.name,
+    }
+    entries = [(j.name, j.out_dtype, j.shape) for j in plan.jobs]
+    start = time.perf_counter()
+    with atomic_output_dir(Path(out), force=force) as tmp:
+        writer = ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata)
+        worker = _Worker(plan, writer, dev, strict)
+        with _torch_threads(threads):
+            for job, nbytes in _run_bounded(plan.jobs, worker, threads):
+                stats.tensors += 1
+                stats.bytes_read += plan.input_bytes(job)
+                stats.bytes_written += nbytes
+                if progress is not None:
+                    progress(1, plan.input_bytes(job) + nbytes)
+        writer.finish()
+        stats.shards = len(writer.files)
+        _write_sidecars(plan, tmp)
+    stats.seconds = time.perf_counter() - start
+    stats.warnings = worker.warnings
+    return stats
+
+
+def _run_bounded(
+    jobs: list[TensorJob], worker: _Worker, threads: int
+) -> Iterator[tuple[TensorJob, int]]:
+    """Run jobs on ``threads`` workers with at most ``threads`` in flight at once."""
+    if threads == 1:
+        for job in jobs:
+            yield job, worker(job)
+        return
+    pending: dict[Future, TensorJob] = {}
+    it = iter(jobs)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graft") as pool:
+        try:
+            for job in it:
+                pending[pool.submit(worker, job)] = job
+                if len(pending) >= threads:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        yield pending.pop(fut), fut.result()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield pending.pop(fut), fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+class _Worker:
+    """Computes and writes one job; safe to call from several threads."""
+
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, device: torch.device, strict: bool):
+        self.plan = plan
+        self.writer = writer
+        self.device = device
+        self.strict = strict
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, job: TensorJob) -> int:
+        out = self._copy(job) if job.copy else self._compute(job)
+        out = out.contiguous()
+        self.writer.write(job.name, out)
+        return out.numel() * out.element_size()
+
+    def _read(self, src) -> torch.Tensor:
+        return self.plan.checkpoints[src.model].get(src.name)
+
+    def _copy(self, job: TensorJob) -> torch.Tensor:
+        src = job.base or job.inputs[0]
+        return self._read(src).to(job.out_dtype)
+
+    def _compute(self, job: TensorJob) -> torch.Tensor:
+        spec = self.plan.method
+        cdt = spec.compute_dtype
+        inputs = [self._load(s, cdt) for s in job.inputs]
+        base = self._load(job.base, cdt) if job.base is not None else None
+        kwargs = dict(job.params)
+        if spec.uses_seed:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(job.seed)
+            kwargs["generator"] = gen
+        if spec.uses_layer:
+            kwargs["layer"] = job.layer
+            kwargs["num_layers"] = self.plan.num_layers
+        result = spec.fn(inputs, base, **kwargs)
+        return result.to(device="cpu", dtype=job.out_dtype)
+
+    def _load(self, src, dtype: torch.dtype) -> torch.Tensor:
+        t = self._read(src).to(device=self.device, dtype=dtype)
+        if not bool(torch.isfinite(t).all()):
+            msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
+            if self.strict:
+                raise NonFiniteInputError(msg + "; fix the checkpoint or drop --strict")
+            with self._lock:
+                self.warnings.append(msg)
+        return t
+
+
+@contextmanager
+def _torch_threads(workers: int):
+    """Share the cores between our workers and torch's own intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _write_sidecars(plan: MergePlan, dst: Path) -> None:
+    recipe = plan.recipe
+    side = plan.checkpoints[plan.sidecar_model]
+    copy_sidecar_files(side.root, dst, config=plan.config)
+    if plan.tokenizer_model is not None:
+        copy_tokenizer(plan.checkpoints[plan.tokenizer_model].root, dst)
+    write_model_card(
+        dst,
+        base_models=[str(m) for m in recipe.referenced_models()],
+        relation="merge",
+        tags=("graft", "merge"),
+        recipe_yaml=recipe.text,
+    )

@@ -1,0 +1,395 @@
+"""Turn a recipe plus checkpoint headers into one job per output tensor.
+
+Planning reads headers only. Every check that can fail on the inputs (missing tensors,
+shape or vocabulary mismatches, missing or out-of-range parameters) fails here, before a
+byte of tensor data is read or anything is written, which is what ``--dry-run`` shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from graft.io import Checkpoint
+from graft.merge import REQUIRED, MethodSpec, Param
+from graft.plan.arch import (
+    count_blocks,
+    is_pre_block,
+    is_vocab_tensor,
+    split_block_name,
+    with_block_count,
+)
+from graft.plan.models import open_models
+from graft.recipe import ModelRef, Recipe, RecipeError, evaluate_setting
+
+
+class PlanError(RecipeError):
+    """The recipe does not fit the checkpoints it names."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor: which model, which tensor name in it."""
+
+    model: ModelRef
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """Everything needed to produce one output tensor.
+
+    ``copy`` jobs (non-float tensors, or a single passthrough input with nothing to do)
+    write ``base`` (or the only input) unchanged apart from the output dtype.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: tuple[Source, ...]
+    base: Source | None
+    params: Mapping[str, Any]
+    layer: int | None
+    seed: int
+    copy: bool = False
+
+
+@dataclass
+class MergePlan:
+    """The planned merge: opened checkpoints, jobs in output order, output config."""
+
+    recipe: Recipe
+    checkpoints: dict[ModelRef, Checkpoint]
+    jobs: list[TensorJob]
+    num_layers: int
+    config: dict | None
+    sidecar_model: ModelRef
+    tokenizer_model: ModelRef | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> MethodSpec:
+        return self.recipe.method
+
+    def input_bytes(self, job: TensorJob) -> int:
+        srcs = list(job.inputs) + ([job.base] if job.base else [])
+        return sum(self.checkpoints[s.model].info(s.name).nbytes for s in srcs)
+
+    def output_bytes(self) -> int:
+        return sum(_numel(j.shape) * j.out_dtype.itemsize for j in self.jobs)
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints.values():
+            ckpt.close()
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def plan_merge(recipe: Recipe, *, seed: int | None = None) -> MergePlan:
+    """Open the recipe's checkpoints (headers only) and plan every output tensor."""
+    checkpoints = open_models(recipe.referenced_models(), recipe.root)
+    try:
+        planner = _Planner(recipe, checkpoints, seed if seed is not None else recipe.seed or 0)
+        return planner.plan()
+    except BaseException:
+        for ckpt in checkpoints.values():
+            ckpt.close()
+        raise
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: reproducible, independent of thread scheduling."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, checkpoints: dict[ModelRef, Checkpoint], seed: int):
+        self.recipe = recipe
+        self.ckpts = checkpoints
+        self.method = recipe.method
+        self.seed = seed
+        self.jobs: list[TensorJob] = []
+        self.notes: list[str] = []
+
+    # -- entry -------------------------------------------------------------------------
+
+    def plan(self) -> MergePlan:
+        r = self.recipe
+        ref_model = r.base_model or (
+            r.models[0].model if r.models else r.slices[0].sources[0].model  # type: ignore[index]
+        )
+        ref = self.ckpts[ref_model]
+        if r.models is not None:
+            num_layers = count_blocks(ref.names, ref.config)
+            self._plan_models(ref_model, num_layers)
+            source_layers = list(range(num_layers))
+        else:
+            source_layers = self._plan_slices()
+            num_layers = len(source_layers)
+        config = ref.config
+        if config is not None and r.slices is not None:
+            config = with_block_count(config, source_layers)
+        out_dtype = r.out_dtype or r.dtype
+        if config is not None and out_dtype:
+            config = dict(config)
+            config["torch_dtype"] = out_dtype
+            if "dtype" in config:  # transformers >= 4.56 writes "dtype"
+                config["dtype"] = out_dtype
+        tok = None
+        if r.tokenizer_source:
+            tok = ref_model if r.tokenizer_source == "base" else ModelRef(r.tokenizer_source)
+            if tok not in self.ckpts:
+                self.ckpts.update(open_models([tok], r.root))
+        self._check_unique_names()
+        return MergePlan(
+            recipe=r,
+            checkpoints=self.ckpts,
+            jobs=self.jobs,
+            num_layers=num_layers,
+            config=config,
+            sidecar_model=ref_model,
+            tokenizer_model=tok,
+            notes=self.notes,
+        )
+
+    # -- models: form ------------------------------------------------------------------
+
+    def _plan_models(self, ref_model: ModelRef, num_layers: int) -> None:
+        r = self.recipe
+        assert r.models is not None
+        base = r.base_model if self.method.base != "none" else None
+        entries = [m for m in r.models if base is None or m.model != base]
+        if not entries:
+            raise PlanError(
+                f"{self.method.name}: every listed model is the base model; list the "
+                "fine-tuned models under models:"
+            )
+        scopes = {m.model: [m.parameters, r.parameters] for m in entries}
+        models = [m.model for m in entries]
+        for name in self.ckpts[ref_model].names:
+            block = split_block_name(name)
+            layer = block.index if block else None
+            t = _t(layer, num_layers)
+            srcs = [Source(m, name) for m in models]
+            base_src = Source(base, name) if base else None
+            self._add_job(name, srcs, base_src, scopes, [r.parameters], t, layer)
+
+    # -- slices: form ------------------------------------------------------------------
+
+    def _plan_slices(self) -> list[int]:
+        r = self.recipe
+        assert r.slices is not None
+        out_layer = 0
+        source_layers: list[int] = []
+        self._plan_outside_blocks(r.slices[0], pre=True)
+        for sl in r.slices:
+            base = sl.base_model or r.base_model
+            if self.method.base == "none":
+                base = None
+            srcs = [s for s in sl.sources if base is None or s.model != base]
+            if self.method.base == "required" and len(srcs) == len(sl.sources):
+                raise PlanError(
+                    f"slice with sources {[str(s.model) for s in sl.sources]}: "
+                    f"{self.method.name} needs the base model {base} among the slice's sources"
+                )
+            base_range = next((s.layer_range for s in sl.sources if s.model == base), None)
+            scopes = {s.model: [s.parameters, sl.parameters, r.parameters] for s in srcs}
+            n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+            lead = sl.sources[0]
+            for offset in range(n):
+                t = offset / (n - 1) if n > 1 else 1.0
+                src_layer = lead.layer_range[0] + offset
+                names = self._block_names(lead.model, src_layer)
+                for bn in names:
+                    out_name = bn.renumber(out_layer)
+                    inputs = [Source(s.model, bn.renumber(s.layer_range[0] + offset)) for s in srcs]
+                    base_src = (
+                        Source(base, bn.renumber(base_range[0] + offset)) if base_range else None
+                    )
+                    self._add_job(
+                        out_name, inputs, base_src, scopes, [sl.parameters, r.parameters], t,
+                        out_layer,
+                    )
+                source_layers.append(src_layer)
+                out_layer += 1
+        self._plan_outside_blocks(r.slices[-1], pre=False)
+        return source_layers
+
+    def _block_names(self, model: ModelRef, layer: int):
+        ckpt = self.ckpts[model]
+        names = [b for n in ckpt.names if (b := split_block_name(n)) and b.index == layer]
+        if not names:
+            have = count_blocks(ckpt.names, ckpt.config)
+            raise PlanError(
+                f"model {model} has no block {layer} (it has {have}); fix the layer_range"
+            )
+        return names
+
+    def _plan_outside_blocks(self, sl, *, pre: bool) -> None:
+        r = self.recipe
+        base = sl.base_model or r.base_model
+        if self.method.base == "none":
+            base = None
+        srcs = [s.model for s in sl.sources if base is None or s.model != base]
+        scopes = {s.model: [s.parameters, sl.parameters, r.parameters] for s in sl.sources}
+        lead = self.ckpts[sl.sources[0].model]
+        for name in lead.names:
+            if split_block_name(name) is not None or is_pre_block(name) != pre:
+                continue
+            self._add_job(
+                name,
+                [Source(m, name) for m in srcs],
+                Source(base, name) if base else None,
+                scopes,
+                [sl.parameters, r.parameters],
+                0.0,
+                None,
+            )
+
+    # -- one tensor --------------------------------------------------------------------
+
+    def _add_job(
+        self,
+        out_name: str,
+        inputs: list[Source],
+        base: Source | None,
+        scopes: Mapping[ModelRef, list[Mapping]],
+        shared_scopes: list[Mapping],
+        t: float,
+        layer: int | None,
+    ) -> None:
+        if not inputs and base is None:
+            raise PlanError(f"tensor {out_name}: no input models")
+        first = base or inputs[0]
+        info = self._info(first)
+        for src in inputs:
+            self._check_match(first, info, src)
+        out_dtype = self._out_dtype(info.dtype)
+        if not info.dtype.is_floating_point:
+            # Integer ids and boolean masks are copied from the base, never averaged.
+            self.jobs.append(
+                TensorJob(out_name, tuple(info.shape), info.dtype, (), first, {}, layer, 0, True)
+            )
+            return
+        n = len(inputs)
+        m = self.method
+        if n < m.min_models or (m.max_models is not None and n > m.max_models):
+            want = f"{m.min_models}" + (
+                "" if m.max_models == m.min_models else f"..{m.max_models or 'any'}"
+            )
+            raise PlanError(
+                f"{m.name} takes {want} non-base model(s) per tensor, got {n} for {out_name}"
+            )
+        if m.base == "required" and base is None:
+            raise PlanError(f"{m.name} needs base_model (tensor {out_name})")
+        params = self._resolve(out_name, inputs, scopes, shared_scopes, t)
+        self.jobs.append(
+            TensorJob(
+                name=out_name,
+                shape=tuple(info.shape),
+                out_dtype=out_dtype,
+                inputs=tuple(inputs),
+                base=base,
+                params=params,
+                layer=layer,
+                seed=tensor_seed(self.seed, out_name),
+            )
+        )
+
+    def _info(self, src: Source):
+        ckpt = self.ckpts[src.model]
+        if src.name not in ckpt:
+            raise PlanError(
+                f"tensor {src.name} is missing from model {src.model}; "
+                "the models must share an architecture (check the model paths)"
+            )
+        return ckpt.info(src.name)
+
+    def _check_match(self, ref: Source, ref_info, src: Source) -> None:
+        info = self._info(src)
+        if tuple(info.shape) == tuple(ref_info.shape):
+            return
+        if is_vocab_tensor(src.name) and tuple(info.shape[1:]) == tuple(ref_info.shape[1:]):
+            raise PlanError(
+                f"vocabulary size differs for {src.name}: {ref.model} has {ref_info.shape[0]} "
+                f"rows, {src.model} has {info.shape[0]}; resize the embeddings to one "
+                "vocabulary first (graft does not merge different tokenizers yet)"
+            )
+        raise PlanError(
+            f"shape mismatch for {src.name}: {ref.model} has {tuple(ref_info.shape)}, "
+            f"{src.model} has {tuple(info.shape)}; the models are not the same architecture"
+        )
+
+    def _out_dtype(self, stored: torch.dtype) -> torch.dtype:
+        name = self.recipe.out_dtype or self.recipe.dtype
+        if name is None or not stored.is_floating_point:
+            return stored
+        return DTYPES[name]
+
+    def _resolve(
+        self,
+        tensor: str,
+        inputs: list[Source],
+        scopes: Mapping[ModelRef, list[Mapping]],
+        shared_scopes: list[Mapping],
+        t: float,
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.per_model:
+                out[p.argname] = [
+                    _resolve_one(p, scopes.get(s.model, shared_scopes), tensor, t, str(s.model))
+                    for s in inputs
+                ]
+            else:
+                out[p.argname] = _resolve_one(p, shared_scopes, tensor, t, None)
+        return out
+
+    def _check_unique_names(self) -> None:
+        seen: set[str] = set()
+        for job in self.jobs:
+            if job.name in seen:
+                raise PlanError(f"tensor {job.name} would be written twice; check the slices")
+            seen.add(job.name)
+
+
+def _t(layer: int | None, num_layers: int) -> float:
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _resolve_one(p: Param, scopes: list[Mapping], tensor: str, t: float, model: str | None) -> Any:
+    where = f"parameter '{p.name}'" + (f" of model {model}" if model else "") + f" ({tensor})"
+    value = None
+    for scope in scopes:
+        if p.name in scope:
+            value = evaluate_setting(scope[p.name], tensor, t, kind=p.kind, where=where)
+            if value is not None:
+                break
+    if value is None:
+        if p.default is REQUIRED:
+            hint = "under the model's parameters or globally" if model else "under parameters"
+            raise PlanError(f"missing required {where}; set {p.name} {hint}")
+        value = p.default
+    if p.choices and value not in p.choices:
+        raise PlanError(f"{where}: '{value}' is not one of {', '.join(p.choices)}")
+    if p.check is not None and value is not None:
+        problem = p.check(value)
+        if problem:
+            raise PlanError(f"{where}: {problem}")
+    return value

@@ -1,0 +1,297 @@
+"""mergekit-compatible merge recipes as frozen dataclasses.
+
+Accepted top-level keys are mergekit's for the methods graft implements: ``models`` *or*
+``slices``, ``merge_method``, ``base_model``, ``parameters``, ``dtype``, ``out_dtype``,
+``tokenizer_source``. graft adds one: ``seed`` (random methods; ``--seed`` overrides).
+Parameter precedence follows mergekit: a model's own (or a slice source's) parameters,
+then the slice's, then the global ``parameters``.
+
+Method names and parameters are checked against the registry here, before any file is
+opened, so a typo fails in milliseconds with the list of valid names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graft.merge import METHODS, MethodSpec, get_method
+from graft.recipe._settings import RecipeError, parse_setting
+
+TOP_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "seed",
+    "name",
+)
+UNSUPPORTED_KEYS = {
+    "modules": "multi-module (vision-language) recipes are not supported yet; use models or slices",
+    "tokenizer": "the 'tokenizer:' block (vocabulary union and token surgery) is not supported "
+    "yet; use tokenizer_source: base or a model path",
+    "chat_template": "chat_template is not supported yet; edit tokenizer_config.json afterwards",
+}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as written in the recipe: a path or hub id, optionally ``model+adapter``."""
+
+    path: str
+    adapter: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> ModelRef:
+        if isinstance(raw, dict):  # mergekit also accepts {model: {path: ...}, lora: ...}
+            raise RecipeError(f"{where}: write the model as a path string, e.g. model: ./my-model")
+        if not isinstance(raw, str) or not raw.strip():
+            raise RecipeError(f"{where}: model must be a path or hub id string, got {raw!r}")
+        path, _, adapter = raw.strip().partition("+")
+        return cls(path=path, adapter=adapter or None)
+
+    def __str__(self) -> str:
+        return self.path + (f"+{self.adapter}" if self.adapter else "")
+
+
+Settings = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class InputModel:
+    model: ModelRef
+    parameters: Settings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Settings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    base_model: ModelRef | None = None
+    parameters: Settings = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated merge recipe.
+
+    Attributes:
+        method: the registry entry for ``merge_method``.
+        models: the ``models:`` form (None when ``slices:`` is used).
+        slices: the ``slices:`` form (None when ``models:`` is used).
+        dtype / out_dtype: mergekit's storage dtypes; graft always *computes* in float32
+            (float64 where a method asks) and writes ``out_dtype`` or else ``dtype`` or
+            else each tensor's own storage dtype.
+        text: the YAML as given, embedded in the model card and hashed into metadata.
+        root: folder of the recipe file; relative model paths that do not exist from the
+            working directory are looked up there.
+    """
+
+    method: MethodSpec
+    base_model: ModelRef | None
+    models: tuple[InputModel, ...] | None
+    slices: tuple[OutputSlice, ...] | None
+    parameters: Settings
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    seed: int | None
+    text: str
+    root: Path | None = None
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe names, base first, each once, in recipe order."""
+        refs: list[ModelRef] = [self.base_model] if self.base_model else []
+        if self.models:
+            refs += [m.model for m in self.models]
+        for s in self.slices or ():
+            refs += [src.model for src in s.sources]
+            if s.base_model:
+                refs.append(s.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    return parse_recipe(p.read_text(encoding="utf-8"), root=p.resolve().parent)
+
+
+def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
+    """Parse recipe YAML text into a validated ``Recipe``."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise RecipeError("recipe must be a YAML mapping with at least merge_method and models")
+    for key in raw:
+        if key in UNSUPPORTED_KEYS:
+            raise RecipeError(f"recipe key '{key}': {UNSUPPORTED_KEYS[key]}")
+        if key not in TOP_KEYS:
+            raise RecipeError(f"unknown recipe key '{key}'; valid keys: {', '.join(TOP_KEYS)}")
+    if "merge_method" not in raw:
+        raise RecipeError(f"recipe needs merge_method; one of: {', '.join(METHODS)}")
+    try:
+        method = get_method(str(raw["merge_method"]))
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+    has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
+    if has_models == has_slices:
+        raise RecipeError("recipe needs exactly one of 'models' or 'slices'")
+    base = ModelRef.parse(raw["base_model"], "base_model") if raw.get("base_model") else None
+    models = _parse_models(raw["models"], method) if has_models else None
+    slices = _parse_slices(raw["slices"], method) if has_slices else None
+    params = _parse_params(raw.get("parameters"), method, "parameters", per_model_ok=True)
+
+    recipe = Recipe(
+        method=method,
+        base_model=base,
+        models=models,
+        slices=slices,
+        parameters=params,
+        dtype=_parse_dtype(raw.get("dtype"), "dtype"),
+        out_dtype=_parse_dtype(raw.get("out_dtype"), "out_dtype"),
+        tokenizer_source=_parse_tokenizer_source(raw.get("tokenizer_source")),
+        seed=_parse_seed(raw.get("seed")),
+        text=text,
+        root=root,
+    )
+    _check_base(recipe)
+    return recipe
+
+
+def _parse_models(raw: Any, method: MethodSpec) -> tuple[InputModel, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("'models' must be a non-empty list of {model: PATH, parameters: {...}}")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{where}: each entry needs 'model: PATH'")
+        _check_keys(entry, ("model", "parameters"), where)
+        params = _parse_params(entry.get("parameters"), method, f"{where}.parameters")
+        out.append(InputModel(ModelRef.parse(entry["model"], where), params))
+    return tuple(out)
+
+
+def _parse_slices(raw: Any, method: MethodSpec) -> tuple[OutputSlice, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("'slices' must be a non-empty list of {sources: [...]}")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list):
+            raise RecipeError(f"{where}: each slice needs 'sources: [{{model, layer_range}}]'")
+        _check_keys(entry, ("sources", "base_model", "parameters", "residual_weight"), where)
+        if entry.get("residual_weight") is not None:
+            raise RecipeError(f"{where}: residual_weight is not supported; remove it")
+        sources = []
+        for j, src in enumerate(entry["sources"]):
+            swhere = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{swhere}: needs 'model' and 'layer_range: [start, end]'")
+            _check_keys(src, ("model", "layer_range", "parameters"), swhere)
+            lr = src["layer_range"]
+            if (
+                not isinstance(lr, list)
+                or len(lr) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                or not 0 <= lr[0] < lr[1]
+            ):
+                raise RecipeError(f"{swhere}: layer_range must be [start, end] with 0 <= start < end")
+            params = _parse_params(src.get("parameters"), method, f"{swhere}.parameters")
+            sources.append(SliceSource(ModelRef.parse(src["model"], swhere), (lr[0], lr[1]), params))
+        if not sources:
+            raise RecipeError(f"{where}: 'sources' is empty")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) != 1:
+            raise RecipeError(f"{where}: all sources of a slice must span the same number of layers")
+        base = ModelRef.parse(entry["base_model"], where) if entry.get("base_model") else None
+        params = _parse_params(entry.get("parameters"), method, f"{where}.parameters", True)
+        out.append(OutputSlice(tuple(sources), base, params))
+    return tuple(out)
+
+
+def _parse_params(raw: Any, method: MethodSpec, where: str, per_model_ok: bool = True) -> Settings:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: must be a mapping of parameter names to values")
+    valid = [p.name for p in method.params]
+    out = {}
+    for name, value in raw.items():
+        if method.param(name) is None:
+            listing = ", ".join(valid) if valid else "none"
+            raise RecipeError(
+                f"{where}: unknown parameter '{name}' for {method.name}; valid: {listing}"
+            )
+        out[name] = parse_setting(value, f"{where}.{name}")
+    return out
+
+
+def _check_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
+    for key in entry:
+        if key not in valid:
+            raise RecipeError(f"{where}: unknown key '{key}'; valid keys: {', '.join(valid)}")
+
+
+def _parse_dtype(raw: Any, where: str) -> str | None:
+    if raw is None:
+        return None
+    name = DTYPE_ALIASES.get(str(raw), str(raw))
+    if name not in DTYPES:
+        raise RecipeError(f"{where}: unknown dtype '{raw}'; valid: {', '.join(DTYPES)}")
+    return name
+
+
+def _parse_tokenizer_source(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if raw == "union":
+        raise RecipeError(
+            "tokenizer_source: union (vocabulary union) is not supported yet; "
+            "use tokenizer_source: base or a model path"
+        )
+    if not isinstance(raw, str):
+        raise RecipeError("tokenizer_source must be 'base' or a model path")
+    return raw
+
+
+def _parse_seed(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool):
+        raise RecipeError(f"seed must be an integer, got {raw!r}")
+    return raw
+
+
+def _check_base(recipe: Recipe) -> None:
+    method = recipe.method
+    if method.base == "required":
+        slice_bases = [s.base_model for s in recipe.slices or ()]
+        if recipe.base_model is None and not (slice_bases and all(slice_bases)):
+            raise RecipeError(
+                f"{method.name} needs base_model: the model the fine-tunes started from"
+            )

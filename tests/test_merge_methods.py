@@ -1,0 +1,365 @@
+"""Merge methods against small tensors whose expected values were worked out by hand.
+
+Each expected value is derived in the comment beside it, never by calling graft.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from graft.merge import breadcrumbs as bc
+from graft.merge import dare, della, lines, model_stock, multislerp, nuslerp, slerp, ties
+from graft.merge.linear import linear
+from graft.merge.passthrough import passthrough
+from graft.merge.task_arithmetic import task_arithmetic
+
+R = math.sqrt(0.5)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+# --- linear / task arithmetic ---------------------------------------------------------
+
+
+def test_linear_normalized_and_not():
+    a, b = t(1, 2), t(3, 6)
+    # 1*[1,2] + 3*[3,6] = [10, 20]; / (1+3) = [2.5, 5]
+    close(linear([a, b], None, weight=[1, 3], normalize=True), [2.5, 5.0])
+    close(linear([a, b], None, weight=[1, 3], normalize=False), [10.0, 20.0])
+
+
+def test_task_arithmetic_lambda_and_normalize():
+    base = t(1, 1)
+    m1, m2 = t(2, 0), t(1, 3)  # deltas [1,-1] and [0,2]
+    # sum w*delta = 1*[1,-1] + 0.5*[0,2] = [1, 0]; * 0.5 = [0.5, 0]; + base
+    close(task_arithmetic([m1, m2], base, weight=[1, 0.5], scale=0.5), [1.5, 1.0])
+    # normalize: [1,0] / 1.5 = [2/3, 0]; * 0.5 = [1/3, 0]; + base
+    out = task_arithmetic([m1, m2], base, weight=[1, 0.5], scale=0.5, normalize=True)
+    close(out, [1 + 1 / 3, 1.0])
+
+
+# --- TIES -------------------------------------------------------------------------------
+
+# density 0.5 on 6 entries -> k = 3 per model.
+# d1 = [3, -1, 0.5, -2, 1.5, 0.1]: top-3 |.| = 3, 2, 1.5 -> trim1 = [3, 0, 0, -2, 1.5, 0]
+# d2 = [-1.5, 1, 4, 0.2, 2, -0.3]: top-3 |.| = 4, 2, 1.5 -> trim2 = [-1.5, 0, 4, 0, 2, 0]
+# weights [1, 2]: w1*trim1 = [3, 0, 0, -2, 1.5, 0]; w2*trim2 = [-3, 0, 8, 0, 4, 0]
+# sum = [0, 0, 8, -2, 5.5, 0] -> elected sign [+, +, +, -, +, +] (0 counts as +)
+# entry 0: tie -> +: only model 1 (3) agrees: sum 3, divisor 1 -> mean 3
+#          (had the tie gone to -, model 2 would win: -1.5)
+# entry 1: nobody -> 0; entry 2: model 2: sum 8, divisor 2 -> mean 4
+# entry 3: model 1 (-2): sum -2, divisor 1 -> mean -2
+# entry 4: both: sum 1.5 + 4 = 5.5, divisor 3 -> mean 11/6; entry 5: 0
+TIES_D1 = [3, -1, 0.5, -2, 1.5, 0.1]
+TIES_D2 = [-1.5, 1, 4, 0.2, 2, -0.3]
+
+
+def test_ties_mean_form_with_tie_going_positive():
+    base = torch.ones(6)
+    models = [base + t(*TIES_D1), base + t(*TIES_D2)]
+    out = ties.ties(models, base, weight=[1, 2], density=[0.5, 0.5])
+    close(out, [1 + 3, 1, 1 + 4, 1 - 2, 1 + 11 / 6, 1])
+
+
+def test_ties_sum_form_and_lambda():
+    base = torch.ones(6)
+    models = [base + t(*TIES_D1), base + t(*TIES_D2)]
+    out = ties.ties(models, base, weight=[1, 2], density=[0.5, 0.5], normalize=False, scale=0.5)
+    # sum form [3, 0, 8, -2, 5.5, 0] * 0.5 + 1
+    close(out, [2.5, 1, 5, 0, 3.75, 1])
+
+
+def test_ties_density_below_one_entry_keeps_nothing():
+    base = torch.zeros(6)
+    # int(0.1 * 6) = 0 -> the trimmed delta is all zero -> the base
+    out = ties.ties([t(*TIES_D1)], base, weight=[1], density=[0.1])
+    close(out, torch.zeros(6))
+
+
+def test_ties_rescale_matches_dense_l1():
+    # d = [4, -1, 0, 3], density 0.5 -> k = 2 -> [4, 0, 0, 3] (L1 7); dense L1 8 -> * 8/7
+    out = ties.ties([t(4, -1, 0, 3)], torch.zeros(4), weight=[1], density=[0.5], rescale=True)
+    close(out, [32 / 7, 0, 0, 24 / 7])
+
+
+# --- DARE -------------------------------------------------------------------------------
+
+
+def test_dare_drop_with_explicit_mask():
+    delta = t(2, -4, 6, 8)
+    keep = torch.tensor([True, False, True, False])
+    # paper: kept / 0.5 = [4, 0, 12, 0]
+    close(dare.dare_drop(delta, keep, 0.5), [4, 0, 12, 0])
+    # l1: dense L1 20, kept L1 8 -> * 2.5 = [5, 0, 15, 0]
+    close(dare.dare_drop(delta, keep, 0.5, rescale_mode="l1"), [5, 0, 15, 0])
+    close(dare.dare_drop(delta, keep, 0.5, rescale=False), [2, 0, 6, 0])
+
+
+def test_dare_linear_masks_are_uniform_draws_in_model_order():
+    base = torch.zeros(5)
+    m1, m2 = t(1, 2, 3, 4, 5), t(-1, -1, -1, -1, -1)
+    # Contract: model i's mask is rand(numel) < p, drawn from the generator in model order.
+    g = torch.Generator().manual_seed(7)
+    k1 = torch.rand(5, generator=g) < 0.4
+    k2 = torch.rand(5, generator=g) < 0.6
+    expected = 2 * torch.where(k1, m1, 0) / 0.4 + 1 * torch.where(k2, m2, 0) / 0.6
+    out = dare.dare_linear(
+        [m1, m2],
+        base,
+        weight=[2, 1],
+        density=[0.4, 0.6],
+        generator=torch.Generator().manual_seed(7),
+    )
+    close(out, expected, atol=1e-5)
+
+
+def test_dare_expectation_is_dense_delta():
+    base = torch.zeros(8)
+    delta = t(1, -2, 3, -4, 0.5, 0, 2, -1)
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    acc = torch.zeros(8, dtype=torch.float64)
+    for _ in range(n):
+        acc += dare.dare_linear([delta], base, weight=[1], density=[0.5], generator=g).double()
+    # per-entry std of one draw at p = 0.5 is |d|; of the mean |d|/sqrt(n) <= 4/63
+    torch.testing.assert_close(acc / n, delta.double(), atol=0.3, rtol=0)
+
+
+def test_dare_seeds_reproduce_and_differ():
+    base = torch.zeros(64)
+    models = [torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def run(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return dare.dare_ties(models, base, weight=[1, 1], density=[0.5, 0.5], generator=g)
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_dare_density_one_is_exact_identity_on_delta():
+    delta = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    out = dare.dare_sparsify(delta, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, delta)
+
+
+# --- Breadcrumbs ------------------------------------------------------------------------
+
+# |d| are 5, 1, 9, 3, 10, 2, 7, 4, 8, 6 (all distinct), N = 10
+BC_DELTA = [5, -1, 9, 3, -10, 2, 7, -4, 8, 6]
+
+
+def test_breadcrumbs_drops_top_and_bottom():
+    # density 0.5 -> keep 5; gamma 0.1 -> drop top 1 (10); bottom 10-5-1 = 4 (1..4)
+    # kept magnitudes 5..9
+    mask = bc.outlier_mask(t(*BC_DELTA), 0.5, 0.1)
+    expected = [True, False, True, False, False, False, True, False, True, True]
+    assert mask.tolist() == expected
+    base = torch.ones(10)
+    out = bc.breadcrumbs([base + t(*BC_DELTA)], base, weight=[1], density=[0.5], gamma=[0.1])
+    close(out, [6, 1, 10, 1, 1, 1, 8, 1, 9, 7])
+
+
+def test_breadcrumbs_gamma_rounding_to_zero_keeps_the_top():
+    # gamma 0.05 -> int(0.5) = 0 outliers; keep the 5 largest: 6..10 (no empty-slice wrap)
+    mask = bc.outlier_mask(t(*BC_DELTA), 0.5, 0.05)
+    assert mask.tolist() == [False, False, True, False, True, False, True, False, True, True]
+
+
+def test_breadcrumbs_density_wins_over_gamma():
+    # density 0.9 -> keep 9; gamma 0.2 -> top 2; 9 + 2 > 10 -> bottom 0: keep smallest 9
+    mask = bc.outlier_mask(t(*BC_DELTA), 0.9, 0.2)
+    assert mask.tolist() == [True] * 4 + [False] + [True] * 5
+
+
+def test_breadcrumbs_ties_elects_sign():
+    base = torch.zeros(4)
+    # density 1: no masking. d1 = [1, -2, 3, 0], d2 = [-3, 1, 1, 0], weights 1
+    # sum [-2, -1, 4, 0] -> sign [-, -, +, +]; sum form: [-3, -2, 4, 0]
+    out = bc.breadcrumbs_ties([t(1, -2, 3, 0), t(-3, 1, 1, 0)], base, weight=[1, 1])
+    close(out, [-3, -2, 4, 0])
+
+
+# --- DELLA ------------------------------------------------------------------------------
+
+
+def test_della_probabilities_linear_in_rank():
+    row = t(0.1, -0.4, 0.3, 0.2, -0.5)
+    # ranks by |.| ascending: 0.1->0, 0.4->3, 0.3->2, 0.2->1, 0.5->4; p = 0.3 + 0.4*r/4
+    probs = della.della_keep_probs(row, 0.5, 0.2)
+    close(probs, [0.3, 0.6, 0.5, 0.4, 0.7])
+    # rows of a 2-D tensor are ranked separately
+    probs2 = della.della_keep_probs(torch.stack([row, -row.flip(0)]), 0.5, 0.2)
+    close(probs2[1], [0.7, 0.4, 0.5, 0.6, 0.3])
+
+
+def test_della_keep_frequency_per_rank():
+    row = t(0.1, -0.4, 0.3, 0.2, -0.5)
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    kept = torch.zeros(5)
+    for _ in range(n):
+        out = della.della_sparsify(row, 0.5, 0.2, g, rescale=False)
+        kept += (out != 0).float()
+    # binomial std <= 0.5/sqrt(4000) ~ 0.008
+    close(kept / n, [0.3, 0.6, 0.5, 0.4, 0.7], atol=0.04)
+
+
+def test_della_rescales_each_kept_entry_by_its_probability():
+    row = t(0.1, -0.4, 0.3, 0.2, -0.5)
+    out = della.della_sparsify(row, 0.5, 0.2, torch.Generator().manual_seed(3))
+    probs = [0.3, 0.6, 0.5, 0.4, 0.7]
+    for value, original, p in zip(out.tolist(), row.tolist(), probs, strict=True):
+        assert value == 0 or math.isclose(value, original / p, rel_tol=1e-6)
+
+
+def test_della_rejects_probabilities_outside_unit_interval():
+    with pytest.raises(ValueError, match="epsilon"):
+        della.della_sparsify(torch.ones(4), 0.1, 0.15, None)
+
+
+# --- Model Stock ------------------------------------------------------------------------
+
+
+def test_model_stock_orthogonal_deltas_give_base():
+    base = t(1, 1)
+    # deltas [1,0] and [0,1]: cos 0 -> t = 0 -> base
+    close(model_stock.model_stock([t(2, 1), t(1, 2)], base), [1, 1])
+
+
+def test_model_stock_identical_deltas_give_the_models():
+    # cos 1 -> t = 2*1/(1+1) = 1 -> mean of models
+    close(model_stock.model_stock([t(2, 3), t(2, 3)], t(1, 1)), [2, 3])
+
+
+def test_model_stock_45_degrees():
+    # deltas [1,0], [1,1]: cos = 1/sqrt2; t = 2c/(1+c) = 2/(sqrt2+1) = 2(sqrt2-1)
+    # mean delta [1, 0.5] -> result t*[1, 0.5] (base 0)
+    tt = 2 * (math.sqrt(2) - 1)
+    close(model_stock.model_stock([t(1, 0), t(1, 1)], torch.zeros(2)), [tt, tt / 2])
+
+
+def test_model_stock_filter_wise():
+    base = torch.zeros(2, 2)
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # row 0 orthogonal -> t 0 -> 0; row 1 identical -> t 1 -> [1, 1]
+    close(model_stock.model_stock([a, b], base, filter_wise=True), [[0, 0], [1, 1]])
+
+
+# --- SLERP / NuSLERP / Multi-SLERP --------------------------------------------------------
+
+
+def test_slerp_orthogonal_midpoint():
+    # theta = pi/2: sin(pi/4)/1 each
+    close(slerp.slerp([t(0, 1)], t(1, 0), t=0.5), [R, R])
+    # t = 1/3: sin(pi/3), sin(pi/6)
+    close(slerp.slerp([t(0, 1)], t(1, 0), t=1 / 3), [math.sqrt(3) / 2, 0.5])
+
+
+def test_slerp_applies_coefficients_to_unnormalised_tensors():
+    # directions orthogonal; coefficients sqrt(1/2) each: [2R, 3R]
+    close(slerp.slerp([t(0, 3)], t(2, 0), t=0.5), [2 * R, 3 * R])
+
+
+def test_slerp_near_parallel_is_lerp():
+    # cos([1,0],[1,0.01]) = 1/sqrt(1.0001) ~ 0.99995 > 0.9995 -> lerp: [1, 0.005]
+    close(slerp.slerp([t(1, 0.01)], t(1, 0), t=0.5), [1, 0.005])
+
+
+def test_slerp_endpoints_exact():
+    base, other = t(1, 2, -3), t(0.5, -1, 4)
+    assert torch.equal(slerp.slerp([other], base, t=0.0), base)
+    assert torch.equal(slerp.slerp([other], base, t=1.0), other)
+
+
+def test_nuslerp_weights_set_t():
+    # weights [1, 3] -> t = 0.75; orthogonal units -> [sin(pi/8), sin(3pi/8)]
+    out = nuslerp.nuslerp([t(1, 0), t(0, 1)], None, weight=[1, 3])
+    close(out, [math.sin(math.pi / 8), math.sin(3 * math.pi / 8)])
+    # with a base: deltas [1,0], [0,1], equal weights -> base + [R, R]
+    out = nuslerp.nuslerp([t(2, 1), t(1, 2)], t(1, 1), weight=[1, 1])
+    close(out, [1 + R, 1 + R])
+
+
+def test_nuslerp_vector_layouts():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # flatten: a=[1,0,1,0], b=[0,1,1,0], cos 1/2, theta pi/3; coef sin(pi/6)/sin(pi/3)
+    c = 0.5 / (math.sqrt(3) / 2)
+    out = nuslerp.nuslerp([a, b], None, weight=[1, 1])
+    close(out, [[c, c], [2 * c, 0]])
+    # last-dim vectors (rows): row 0 orthogonal -> [R, R]; row 1 identical -> [1, 0]
+    out = nuslerp.nuslerp([a, b], None, weight=[1, 1], nuslerp_flatten=False)
+    close(out, [[R, R], [1, 0]])
+    # dim-0 vectors (columns): col 0 [1,1] vs [0,1]: theta pi/4, coef sin(pi/8)/sin(pi/4)
+    #   -> coef*[1,2]; col 1 [0,0] vs [1,0]: zero vector has cos 0 -> sin(pi/4)*[1,0]
+    c0 = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    out = nuslerp.nuslerp([a, b], None, weight=[1, 1], nuslerp_flatten=False, nuslerp_row_wise=True)
+    close(out, [[c0, R], [2 * c0, 0]])
+
+
+def test_multislerp_orthogonal_pair():
+    # units [1,0], [0,1]; weighted mean direction [R, R]; mean norm 0.5*2 + 0.5*4 = 3
+    out = multislerp.multislerp([t(2, 0), t(0, 4)], None, weight=[1, 1])
+    close(out, [3 * R, 3 * R], atol=1e-5)
+
+
+def test_multislerp_unequal_weights_and_base():
+    # weights [3,1] -> [0.75, 0.25]; direction [0.75, 0.25]/sqrt(0.625); norms 1 -> scale 1
+    n = math.sqrt(0.625)
+    out = multislerp.multislerp([t(2, 1), t(1, 2)], t(1, 1), weight=[3, 1])
+    close(out, [1 + 0.75 / n, 1 + 0.25 / n], atol=1e-5)
+
+
+def test_multislerp_antipodal_falls_back_to_weighted_sum():
+    # directions cancel -> 0.5*[1,0] + 0.5*[-1,0] = 0
+    out = multislerp.multislerp([t(1, 0), t(-1, 0), t(1, 0), t(-1, 0)], None, weight=[1] * 4)
+    close(out, [0, 0])
+
+
+def test_passthrough_scale():
+    close(passthrough([t(1, -2)], None, scale=[0.5]), [0.5, -1])
+
+
+# --- LiNeS ------------------------------------------------------------------------------
+
+
+def test_lines_scale_values():
+    # alpha 0.2, beta 0.6, L 4: layer 0 -> 0.2; layer 1 -> 0.2 + 0.6/3 = 0.4; layer 3 -> 0.8
+    assert lines.lines_scale(0, 4, 0.2, 0.6) == pytest.approx(0.2)
+    assert lines.lines_scale(1, 4, 0.2, 0.6) == pytest.approx(0.4)
+    assert lines.lines_scale(3, 4, 0.2, 0.6) == pytest.approx(0.8)
+    assert lines.lines_scale(None, 4, 0.2, 0.6) == pytest.approx(0.2)
+    assert lines.lines_scale(0, 1, 0.2, 0.6) == pytest.approx(0.8)
+
+
+def test_lines_single_model_first_last_and_outside():
+    base, model = t(1, 1), t(2, -1)  # delta [1, -2]
+    kw = {"weight": [1], "alpha": "0.3", "beta": 0.7, "num_layers": 4}
+    close(lines.lines([model], base, layer=0, **kw), [1.3, 0.4])  # 0.3 * delta
+    close(lines.lines([model], base, layer=3, **kw), [2, -1])  # 1.0 * delta
+    close(lines.lines([model], base, layer=None, **kw), [1.3, 0.4])  # alpha
+
+
+def test_lines_auto_alpha_with_inner_ties():
+    base = torch.zeros(3)
+    m1, m2 = t(1, 2, -1), t(3, -2, -1)
+    # TIES, density 1, mean form: sum [4, 0, -2] -> signs [+, + (tie), -]
+    # entry 0: both agree, mean 2; entry 1: model 1 (2); entry 2: both -1 -> merged [2, 2, -1]
+    # auto alpha = |sum d|_1 / (T |merged|_1) = (4 + 0 + 2) / (2 * 5) = 0.6
+    kw = {"method": "ties", "beta": 0.4, "num_layers": 3}
+    close(lines.lines([m1, m2], base, layer=None, **kw), [1.2, 1.2, -0.6])
+    # last block: 0.6 + 0.4 = 1 -> the merged delta itself
+    close(lines.lines([m1, m2], base, layer=2, **kw), [2, 2, -1])
+    assert lines.auto_alpha(m1 + m2, t(2, 2, -1), 2) == pytest.approx(0.6)
