@@ -381,9 +381,9 @@ def render_markdown(res: dict) -> str:
     L = [MD_START, "", f"### Results: {res['family']['name']}", ""]
     fam = res["family"]
     L.append(
-        f"Family: base + {fam['fine_tunes']} fine-tunes, {fam['params'] / 1e6:.0f}M parameters and "
+        f"Family: base + {fam['fine_tunes']} fine-tunes, {fam['params'] / 1e6:.1f}M parameters and "
         f"{fam['bytes'] / 1e9:.2f} GB ({fam['dtype']}) per model, {fam['layers']} layers; "
-        f"2× family: {fam.get('layers_2x', '—')} layers, {fam.get('params_2x', 0) / 1e6:.0f}M parameters."
+        f"2× family: {fam.get('layers_2x', '—')} layers, {fam.get('params_2x', 0) / 1e6:.1f}M parameters."
     )
     L.append("")
     L.append(
@@ -405,7 +405,7 @@ def render_markdown(res: dict) -> str:
     L.append("")
     L.append("| ratio (medians, same run) | value | target | verdict |")
     L.append("|---|---|---|---|")
-    for method in res["summary"]:
+    for method in [m for m in res["summary"] if "mergekit" in res["summary"][m]]:
         key = f"{method}_speedup"
         tgt = TARGETS.get(f"{method}_speedup_vs_mergekit")
         L.append(f"| {method}: mergekit time / graft time | {fmt_x(r.get(key))} | "

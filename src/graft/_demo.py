@@ -8,6 +8,7 @@ delta, over all float tensors.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,8 @@ DEMO_PARAMS: dict[str, tuple[dict, dict]] = {
     "nuslerp": ({}, {"weight": 1.0}),
     "multislerp": ({}, {"weight": 1.0}),
     "lines": ({"alpha": 0.5, "beta": 0.5}, {"weight": 1.0}),
+    "slerp": ({"t": 0.5}, {}),
 }
-TWO_MODEL = {"slerp": {"t": 0.5}}  # methods that take exactly one fine-tune
 
 
 @dataclass
@@ -64,7 +65,17 @@ class DemoRow:
 
 
 def make_family(root: Path, *, seed: int = 0, tasks: int = 3) -> tuple[Path, list[Path]]:
-    """Write a base and ``tasks`` fine-tunes (base + low-rank + sparse task deltas)."""
+    """Write a base and ``tasks`` fine-tunes (base + low-rank + sparse task deltas).
+
+    Deterministic from ``seed``; a family already complete in ``root`` is reused.
+    """
+    base_dir = root / "base"
+    fts = [root / f"task{k}" for k in range(tasks)]
+    stamp = root / f"complete-seed{seed}"
+    if stamp.exists():
+        return base_dir, fts
+    if root.exists():
+        shutil.rmtree(root)
     gen = torch.Generator().manual_seed(seed)
     cfg = TINY_LLAMA
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -87,9 +98,7 @@ def make_family(root: Path, *, seed: int = 0, tasks: int = 3) -> tuple[Path, lis
         n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.05)
         for n, s in shapes.items()
     }
-    base_dir = root / "base"
     save_state_dict(base, base_dir, config=cfg)
-    fts = []
     for k in range(tasks):
         ft = {}
         for n, w in base.items():
@@ -100,31 +109,29 @@ def make_family(root: Path, *, seed: int = 0, tasks: int = 3) -> tuple[Path, lis
                 ft[n] = w + 0.01 * (a @ b) / 2 + 0.02 * sparse
             else:
                 ft[n] = w + 0.01 * torch.randn(w.shape, generator=gen)
-        path = root / f"task{k}"
-        save_state_dict(ft, path, config=cfg)
-        fts.append(path)
+        save_state_dict(ft, fts[k], config=cfg)
+    stamp.touch()
     return base_dir, fts
+
+
+def inputs_for(method: str, fts: list[Path]) -> list[Path]:
+    """The fine-tunes a method takes in the demo (SLERP: one; NuSLERP: two; others: all)."""
+    most = METHODS[method].max_models
+    return fts[:most] if most else fts
 
 
 def recipe_for(method: str, base: Path, fts: list[Path]) -> str:
     """The YAML recipe the demo runs for one method."""
-    if method in TWO_MODEL:
-        doc = {
-            "merge_method": method,
-            "base_model": str(base),
-            "models": [{"model": str(base)}, {"model": str(fts[0])}],
-            "parameters": TWO_MODEL[method],
-        }
-    else:
-        shared, per_model = DEMO_PARAMS[method]
-        doc = {"merge_method": method, "models": []}
-        if METHODS[method].base != "none":
-            doc["base_model"] = str(base)
-        doc["models"] = [{"model": str(p), "parameters": dict(per_model)} for p in fts]
-        if not per_model:
-            doc["models"] = [{"model": str(p)} for p in fts]
-        if shared:
-            doc["parameters"] = shared
+    shared, per_model = DEMO_PARAMS[method]
+    doc: dict = {"merge_method": method}
+    if METHODS[method].base != "none":
+        doc["base_model"] = str(base)
+    doc["models"] = [
+        {"model": str(p), "parameters": dict(per_model)} if per_model else {"model": str(p)}
+        for p in inputs_for(method, fts)
+    ]
+    if shared:
+        doc["parameters"] = shared
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -153,8 +160,8 @@ def run_demo(
     fts = [load_state_dict(p) for p in ft_paths]
     rows = []
     for method in METHODS:
-        if method not in DEMO_PARAMS and method not in TWO_MODEL:
-            if method != "passthrough":
+        if method not in DEMO_PARAMS:
+            if method != "passthrough":  # passthrough only copies; it is for slices
                 log(f"(demo has no settings for {method}; skipped)")
             continue
         text = recipe_for(method, base_path, ft_paths)
@@ -167,6 +174,6 @@ def run_demo(
             plan.close()
         seconds = time.perf_counter() - start
         merged = load_state_dict(out)
-        used = fts[:1] if method in TWO_MODEL else fts
+        used = fts[: len(inputs_for(method, ft_paths))]
         rows.append(DemoRow(method, seconds, _cosines(merged, base, used)))
     return rows

@@ -45,8 +45,10 @@ def _check_with_transformers(path: Path) -> str:
     try:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         return "transformers not installed: skipped the load check"
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         logits = model(torch.arange(8).unsqueeze(0)).logits

@@ -122,9 +122,13 @@ def parse_header(path: Path) -> Header:
     ):
         raise corrupt("__metadata__ is not a map of strings to strings")
 
-    data_start = 8 + n
     spans = [_parse_entry(path, name, spec, corrupt) for name, spec in header.items()]
-    spans.sort(key=lambda s: (s[1], s[2]))  # stable: equal 0-byte spans keep header order
+    return Header(_tile(spans, 8 + n, size, corrupt), metadata, size)
+
+
+def _tile(spans: list[tuple[TensorInfo, int, int]], data_start: int, size: int, corrupt):
+    """Check the spans tile the data section exactly; return them located, in file order."""
+    spans = sorted(spans, key=lambda s: (s[1], s[2]))  # stable: 0-byte ties keep header order
     tensors, pos = [], 0
     for info, begin, end in spans:
         if data_start + end > size:
@@ -135,7 +139,7 @@ def parse_header(path: Path) -> Header:
         pos = end
     if data_start + pos != size:
         raise corrupt(f"tensors cover {pos} data bytes but the file has {size - data_start}")
-    return Header(tensors, metadata, size)
+    return tensors
 
 
 def _parse_entry(path: Path, name: str, spec: object, corrupt) -> tuple[TensorInfo, int, int]:
