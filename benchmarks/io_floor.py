@@ -51,8 +51,16 @@ def main(argv: list[str]) -> int:
     save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
     written = sum(t.numel() * t.element_size() for t in keep.values())
     total = time.perf_counter() - t0
-    print(json.dumps({"bytes_read": read, "bytes_written": written, "read_s": round(t_read, 3),
-                      "seconds": round(total, 3)}))
+    print(
+        json.dumps(
+            {
+                "bytes_read": read,
+                "bytes_written": written,
+                "read_s": round(t_read, 3),
+                "seconds": round(total, 3),
+            }
+        )
+    )
     return 0
 
 

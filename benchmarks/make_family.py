@@ -134,7 +134,9 @@ def base_tensor(spec: FamilySpec, name: str, shape: tuple[int, ...]) -> torch.Te
     return 0.02 * torch.randn(shape, generator=g)
 
 
-def fine_tune_delta(spec: FamilySpec, model: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def fine_tune_delta(
+    spec: FamilySpec, model: str, name: str, shape: tuple[int, ...]
+) -> torch.Tensor:
     """Low-rank + noise delta, std about ``delta_scale`` x the base's."""
     g = _gen(spec.seed, model, name)
     if len(shape) == 1:
@@ -259,7 +261,9 @@ def spec_from_args(args: argparse.Namespace) -> FamilySpec:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parents[1] / "bench-work")
+    ap.add_argument(
+        "--workdir", type=Path, default=Path(__file__).resolve().parents[1] / "bench-work"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny family for smoke tests")
     ap.add_argument("--layers", type=int, default=0, help="layer count (default 18, quick 4)")
     ap.add_argument("--double-layers", action="store_true", help="twice the layer count")

@@ -1,7 +1,7 @@
 """graft's I/O layer, the only code in graft that touches disk.
 
 Reading is lazy and per tensor (`open_checkpoint`); writing is memory-flat and atomic
-(`atomic_output_dir` + `ShardedWriter`). POSIX only (uses `os.pwrite` and `mmap` flags).
+(`atomic_output_dir` + `ShardedWriter`). POSIX only (uses `os.pread`/`os.pwrite`).
 """
 
 from graft.io._atomic import atomic_output_dir

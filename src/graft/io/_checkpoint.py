@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -18,11 +17,9 @@ _ST_INDEX, _ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _PT_INDEX, _PT_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
-# A private (copy-on-write) map reports a writable buffer, so torch.frombuffer gives a
-# view without warning, and a stray write can only touch this process's copy of a page,
-# never the file. MAP_NORESERVE (Python >= 3.13) keeps the kernel from charging the whole
-# file against the overcommit limit for copies that are never made.
-_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+# Tensors are read with pread into fresh memory rather than viewed through a memory map:
+# the process then holds only the tensors in flight, whereas mapped pages stay resident
+# (and count against RSS) until the map goes, which for a whole-model pass is the model.
 
 
 class Checkpoint:
@@ -58,7 +55,7 @@ class Checkpoint:
         self._offsets = offsets or {}
         self._file_sizes = file_sizes or {}
         self._loaded = loaded
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._config: dict | None = None
@@ -115,10 +112,9 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, as a CPU tensor in its stored dtype.
 
-        For safetensors files the result is a view into a private memory map of the file:
-        nothing is copied until the caller converts it (e.g. ``.to(torch.float32)``).
-        Treat it as read-only: a write can never reach the file, but it would change what
-        later `get` calls in this process return. The view stays valid after `close`.
+        For safetensors files the bytes are read (``pread``, which releases the GIL) into
+        a fresh tensor the caller owns: writing into it never reaches the file or another
+        `get`, and memory is freed as soon as the caller drops it.
 
         Raises:
             GraftIOError: no tensor has that name, or the checkpoint is closed.
@@ -130,45 +126,54 @@ class Checkpoint:
             return self._loaded[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf, offset = self._map(info.file), self._offsets[name]
-        if offset % info.dtype.itemsize:
-            # Files from other writers may leave data unaligned; kernels expect alignment,
-            # so copy into fresh (aligned) memory instead of viewing.
-            raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=offset)
-            return raw.clone().view(info.dtype).reshape(info.shape)
-        view = torch.frombuffer(buf, dtype=info.dtype, count=info.numel, offset=offset)
-        return view.reshape(info.shape)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        _pread_into(self._fd(info.file), out, self._offsets[name], info.file)
+        return out
 
     def close(self) -> None:
-        """Release the memory maps. Tensors already returned keep their map alive."""
+        """Close the open files. Tensors already returned are unaffected."""
         with self._lock:
             self._closed = True
-            self._maps.clear()
+            fds, self._fds = self._fds, {}
             self._loaded = {} if self._loaded is not None else None
+        for fd in fds.values():
+            os.close(fd)
 
-    def _map(self, file: Path) -> mmap.mmap:
-        buf = self._maps.get(file)
-        if buf is None:
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
             with self._lock:
-                buf = self._maps.get(file)
-                if buf is None:
-                    buf = _map_file(file, self._file_sizes[file])
-                    self._maps[file] = buf
-        return buf
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = _open_file(file, self._file_sizes[file])
+                    self._fds[file] = fd
+        return fd
 
 
-def _map_file(file: Path, expected_size: int) -> mmap.mmap:
+def _open_file(file: Path, expected_size: int) -> int:
     try:
-        with open(file, "rb") as f:
-            if os.fstat(f.fileno()).st_size != expected_size:
-                raise GraftIOError(
-                    f"{file} changed on disk since it was opened; open the checkpoint again"
-                )
-            return mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd = os.open(file, os.O_RDONLY)
     except OSError as e:
-        raise GraftIOError(
-            f"cannot map {file}: {e.strerror}; check the file and free memory"
-        ) from e
+        raise GraftIOError(f"cannot open {file}: {e.strerror}; check the file") from e
+    if os.fstat(fd).st_size != expected_size:
+        os.close(fd)
+        raise GraftIOError(f"{file} changed on disk since it was opened; open the checkpoint again")
+    return fd
+
+
+def _pread_into(fd: int, out: torch.Tensor, offset: int, file: Path) -> None:
+    """Fill ``out`` with the bytes at ``offset``; short reads (large tensors) are continued."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise GraftIOError(f"{file} ended early while reading; the file is truncated")
+        done += n
 
 
 def _read_config(root: Path | None) -> dict | None:
