@@ -22,8 +22,15 @@ _ZERO_NORM = 1e-7
 
 
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Stack the deltas ``θᵢ − θ₀`` into one ``(T, *shape)`` tensor."""
-    return torch.stack([t - base for t in tensors])
+    """Stack the deltas ``θᵢ − θ₀`` into one fresh ``(T, *shape)`` tensor.
+
+    The stack is written in place (no per-model temporaries then a copy): on a memory-bound
+    CPU every pass over a large tensor costs about as much as reading it from disk.
+    """
+    out = base.new_empty((len(tensors), *base.shape))
+    for i, t in enumerate(tensors):
+        torch.sub(t, base, out=out[i])
+    return out
 
 
 def per_model(values: Sequence[float] | None, n: int, default: float) -> list[float]:
@@ -60,7 +67,7 @@ def combine(
     """Weighted combination of (already sparsified) deltas.
 
     Args:
-        deltas: ``(T, *shape)`` stack.
+        deltas: ``(T, *shape)`` stack; overwritten (scaled by the weights in place).
         weight: one weight per model.
         elect: run the TIES election and keep only agreeing entries (disjoint merge).
         normalize: divide by the weights that contributed: ``Σ wᵢmᵢ`` per entry when
@@ -70,20 +77,32 @@ def combine(
     Returns:
         The merged delta, shape ``shape``.
     """
-    w = weight_column(weight, deltas)
-    weighted = deltas * w
-    if elect:
-        agree = elect_signs(weighted)
-        merged = torch.where(agree, weighted, 0).sum(dim=0)
+    weights = [float(w) for w in weight]
+    weighted = deltas
+    if any(w != 1.0 for w in weights):
+        weighted.mul_(weight_column(weights, deltas))
+    if not elect:
+        merged = weighted.sum(dim=0)
         if normalize:
-            divisor = torch.where(agree, w, 0).sum(dim=0)
-            merged = merged / torch.where(divisor == 0, 1, divisor)
+            total = sum(weights)
+            if abs(total) >= _ZERO_WEIGHT_SUM:
+                merged.div_(total)
         return merged
-    merged = weighted.sum(dim=0)
+    # Disjoint merge without materialising the agreement mask: where the elected sign is
+    # + the agreeing entries are exactly the positive ones, so their sum is Σ max(wᵢδᵢ, 0);
+    # where it is −, Σ min(wᵢδᵢ, 0). Zeros (trimmed or dropped entries) never count.
+    positive = weighted.sum(dim=0) >= 0  # γ = +, a zero sum counting as +
+    merged = torch.where(
+        positive, weighted.clamp(min=0).sum(dim=0), weighted.clamp(max=0).sum(dim=0)
+    )
     if normalize:
-        total = float(sum(weight))
-        if abs(total) >= _ZERO_WEIGHT_SUM:
-            merged = merged / total
+        # Σ wᵢ over agreeing models: over the positive entries where γ = +, else the negative.
+        w = torch.tensor(weights, dtype=merged.dtype, device=merged.device)
+        pos_w = torch.tensordot(w, (weighted > 0).to(merged.dtype), dims=1)
+        neg_w = torch.tensordot(w, (weighted < 0).to(merged.dtype), dims=1)
+        divisor = torch.where(positive, pos_w, neg_w)
+        divisor.masked_fill_(divisor == 0, 1.0)
+        merged.div_(divisor)
     return merged
 
 
@@ -101,8 +120,10 @@ def l1_rescale(kept: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 def finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
-    """``θ₀ + λ·merged``."""
-    return base + merged * scale if scale != 1 else base + merged
+    """``θ₀ + λ·merged`` (``merged`` is overwritten)."""
+    if scale != 1:
+        merged.mul_(scale)
+    return merged.add_(base)
 
 
 def unit_interval_check(name: str):

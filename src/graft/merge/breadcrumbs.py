@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge._select import top_k_mask
 from graft.merge._spec import MethodSpec, Param
 from graft.merge._task_vectors import (
     combine,
@@ -56,10 +57,11 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n_keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - n_keep - n_top)
-    ascending = torch.argsort(delta.abs().reshape(-1), stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[ascending[n_bottom : n_bottom + n_keep]] = True
-    return keep.view_as(delta)
+    # Ascending ranks [n_bottom, n_bottom + n_keep) = the top (n - n_bottom) minus the top
+    # n_top, both with ties resolved as a stable ascending sort does.
+    mag = delta.abs()
+    upper = top_k_mask(mag, n - n_bottom, ties="high")
+    return upper & ~top_k_mask(mag, n - n_bottom - n_keep, ties="high")
 
 
 def _breadcrumbs(

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge._select import top_k_mask
 from graft.merge._spec import MethodSpec
 from graft.merge._task_vectors import (
     combine,
@@ -56,10 +57,7 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * delta.numel())
     if k <= 0:
         return torch.zeros_like(delta)
-    order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
-    keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    keep[order[:k]] = True
-    return torch.where(keep.view_as(delta), delta, 0)
+    return delta * top_k_mask(delta.abs(), k, ties="low")
 
 
 def ties(
@@ -90,8 +88,11 @@ def ties(
     """
     deltas = task_vectors(tensors, base)
     for i, p in enumerate(per_model(density, len(tensors), 1.0)):
-        trimmed = magnitude_trim(deltas[i], p)
-        deltas[i] = l1_rescale(trimmed, deltas[i]) if rescale and p < 1 else trimmed
+        if rescale and p < 1:
+            deltas[i] = l1_rescale(magnitude_trim(deltas[i], p), deltas[i])
+        elif p < 1:
+            k = int(p * deltas[i].numel())
+            deltas[i].mul_(top_k_mask(deltas[i].abs(), k, ties="low"))  # trim in place
     merged = combine(deltas, weight, elect=True, normalize=normalize)
     return finish(base, merged, scale)
 
