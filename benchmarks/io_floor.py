@@ -1,6 +1,7 @@
 """The I/O floor of a merge: read every input tensor once, write one model-sized output.
 
-No merge math, no planning: ``safe_open`` + ``get_tensor`` on every tensor of every input
+No merge math, no planning: ``safe_open`` + ``get_tensor`` (+ ``clone``, which forces the
+bytes in: recent safetensors hand back lazy mmap views) on every tensor of every input
 model (in its stored dtype), then ``save_file`` of one model's worth of tensors (the
 first input's) into OUT/model.safetensors. A merge tool cannot beat this by much on the
 same disk and cache state; ``benchmarks/merge.py`` runs it as a subprocess between the
@@ -41,7 +42,9 @@ def main(argv: list[str]) -> int:
         for f in shard_files(model):
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    t = st.get_tensor(name)
+                    # get_tensor may return a lazy view of the mmap (safetensors 0.8
+                    # does): clone() faults every page in and copies it, like a read().
+                    t = st.get_tensor(name).clone()
                     read += t.numel() * t.element_size()
                     if i == 0:
                         keep[name] = t

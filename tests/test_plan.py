@@ -100,3 +100,50 @@ def test_threads_give_identical_bytes(tmp_path):
         plan.close()
         outs.append((tmp_path / f"out{threads}" / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_in_flight_jobs_never_exceed_threads(tmp_path, monkeypatch):
+    """Peak memory is bounded by threads x inputs x largest tensor: check the bound's premise."""
+    import threading
+    import time
+
+    from graft.plan import engine
+
+    base, a, b = _models(tmp_path, layers=12)
+    plan = _plan({"merge_method": "linear",
+                  "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (a, b)]})
+    state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+    real = engine._Worker.__call__
+
+    def tracked(self, job):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.002)
+        try:
+            return real(self, job)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(engine._Worker, "__call__", tracked)
+    run_plan(plan, tmp_path / "out", threads=3)
+    plan.close()
+    assert state["peak"] == 3
+
+
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    import pytest
+
+    from graft.plan import PlanError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base, a, _ = _models(tmp_path)
+    plan = _plan({"merge_method": "linear",
+                  "models": [{"model": str(a), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(PlanError, match="--device cpu"):
+        run_plan(plan, tmp_path / "out", device="cuda")
+    plan.close()
+    assert not (tmp_path / "out").exists()
