@@ -255,3 +255,34 @@ def test_non_float_tensors_are_copied_from_base(tmp_path):
     m = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(m["ids"], torch.arange(4))
     assert torch.equal(m["w"], torch.full((3,), 3.0))
+
+
+def test_hub_id_resolves_from_local_hf_cache(hf_family, tmp_path, monkeypatch):
+    """`model: org/name` is found in a local Hugging Face cache layout, never downloaded."""
+    import shutil
+
+    fam, _ = hf_family
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(fam["llama"][1], snap)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    recipe = _write(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": "acme/tiny-llama", "parameters": {"weight": 1.0}}],
+    })
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+    m, f = _state(tmp_path / "out"), _state(fam["llama"][1])
+    assert all(torch.equal(m[n], f[n]) for n in f)
+    recipe = _write(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": "acme/not-cached", "parameters": {"weight": 1.0}}],
+    }, name="r2.yaml")
+    code, _, err = run_cli("merge", recipe, tmp_path / "out2", "-q")
+    assert code == 2 and "never downloads" in err
