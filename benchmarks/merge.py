@@ -52,6 +52,8 @@ MD_START = (
 )
 MD_END = "<!-- merge-bench:end -->"
 
+TIES_DENSITY = 0.5
+
 TARGETS = {
     "ties_speedup_vs_mergekit": 6.0,  # mergekit time / graft time >= 6
     "ties_vs_floor": 1.5,  # graft time / floor time <= 1.5
@@ -85,7 +87,7 @@ def recipe_text(
                 f"  - model: {ft}",
                 "    parameters:",
                 "      weight: 1.0",
-                "      density: 0.5",
+                f"      density: {TIES_DENSITY}",
             ]
         lines += ["parameters:", "  normalize: true"]
     else:
@@ -100,6 +102,10 @@ def recipe_text(
 def input_dirs(method: str, family: Path, spec: make_family.FamilySpec) -> list[Path]:
     fts = [family / m for m in spec.model_names[1:]]
     return ([family / "base"] + fts) if method == "ties" else fts
+
+
+def ties_ctx(method: str, inputs: list[Path]) -> tuple[list[Path], float] | None:
+    return (inputs, TIES_DENSITY) if method == "ties" else None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -263,11 +269,37 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), (e - mant).to(torch.int32))
 
 
-def compare_dirs(a: Path, b: Path) -> dict:
-    """Compare two model folders tensor by tensor (a = graft, b = reference)."""
+def trim_tie_mask(base: torch.Tensor, fts: list[torch.Tensor], density: float) -> torch.Tensor:
+    """Entries where some fine-tune's |delta| equals its TIES trim threshold exactly.
+
+    With bf16 inputs many deltas share a magnitude, so which of the tied entries the
+    top-k keeps is up to the sort: graft breaks ties by lower index (stable sort),
+    mergekit by whatever its unstable ``argsort`` returns. Differences confined to these
+    entries are tie-breaking, not math.
+    """
+    mask = torch.zeros(base.shape, dtype=torch.bool)
+    n = base.numel()
+    k = int(density * n)
+    if k <= 0 or density >= 1:
+        return mask
+    for ft in fts:
+        d = (ft - base).abs()
+        thr = d.reshape(-1).kthvalue(n - k + 1).values  # k-th largest
+        mask |= d == thr
+    return mask
+
+
+def compare_dirs(a: Path, b: Path, ties_inputs: tuple[list[Path], float] | None = None) -> dict:
+    """Compare two model folders tensor by tensor (a = graft, b = reference).
+
+    ``ties_inputs`` = ([base, ft1, ...], density): also count how many of the elements
+    that differ by more than 1 ulp sit where a fine-tune's |delta| ties with its trim
+    threshold (see ``trim_tie_mask``).
+    """
     from safetensors import safe_open
 
     ia, ib = load_index(a), load_index(b)
+    inputs = [load_index(d) for d in ties_inputs[0]] if ties_inputs else None
     res = {
         "only_in_graft": sorted(set(ia) - set(ib)),
         "only_in_mergekit": sorted(set(ib) - set(ia)),
@@ -282,6 +314,8 @@ def compare_dirs(a: Path, b: Path) -> dict:
         "worst_tensor": None,
         "mean_abs_diff_over_mean_abs": 0.0,
     }
+    if inputs is not None:
+        res["beyond_1ulp_at_trim_ties"] = 0
     handles: dict[Path, object] = {}
 
     def get(path: Path, name: str) -> torch.Tensor:
@@ -304,7 +338,13 @@ def compare_dirs(a: Path, b: Path) -> dict:
         ulps = diff / u
         res["tensors"] += 1
         res["elements"] += diff.numel()
-        res["beyond_1ulp"] += int((ulps > 1).sum())
+        far = ulps > 1
+        n_far = int(far.sum())
+        res["beyond_1ulp"] += n_far
+        if inputs is not None and n_far:
+            ins = [get(idx[name], name).float() for idx in inputs]
+            tie = trim_tie_mask(ins[0], ins[1:], ties_inputs[1])
+            res["beyond_1ulp_at_trim_ties"] += int((far & tie).sum())
         res["beyond_4ulp"] += int((ulps > 4).sum())
         mx = float(ulps.max()) if diff.numel() else 0.0
         rel = float(diff.max() / mag.max().clamp_min(1e-30)) if diff.numel() else 0.0
@@ -324,7 +364,67 @@ def compare_dirs(a: Path, b: Path) -> dict:
         or res["dtype_mismatch"]
     )
     res["within_1ulp"] = res["structure_ok"] and res["beyond_1ulp"] == 0
+    if inputs is not None:
+        res["beyond_1ulp_unexplained"] = res["beyond_1ulp"] - res["beyond_1ulp_at_trim_ties"]
     return res
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile_graft(py_spy: Path, recipe: Path, out: Path, args, drop: bool) -> dict:
+    """One extra graft run under py-spy (50 Hz, all threads); top frames by samples."""
+    raw = args.workdir / "logs" / f"profile-{recipe.stem}.txt"
+    if out.exists():
+        shutil.rmtree(out)
+    drop_caches(drop)
+    cmd = [
+        str(py_spy),
+        "record",
+        "-r",
+        "50",
+        "--threads",
+        "--nonblocking",
+        "-f",
+        "raw",
+        "-o",
+        str(raw),
+        "--",
+    ] + tool_cmd("graft", recipe, out, [], args)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not raw.exists():
+        return {"error": (r.stderr or r.stdout)[-1000:]}
+    leaf: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        frames = stack.split(";")
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + int(n)
+        # inclusive, per function (line numbers dropped), graft's own code only
+        funcs = {
+            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] + ")"
+            for f in frames
+            if "graft/" in f
+        }
+        for f in funcs:
+            incl[f] = incl.get(f, 0) + int(n)
+
+    def top(d):
+        return [
+            [k, round(100 * v / max(total, 1), 1)]
+            for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]
+        ]
+
+    return {
+        "samples": total,
+        "raw": str(raw),
+        "top_lines_pct": top(leaf),
+        "top_graft_functions_pct": top(incl),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -485,19 +585,35 @@ def render_markdown(res: dict) -> str:
     )
     L.append("")
     L.append(
-        "| method | recipe dtype | tensors | max diff | elements > 1 ulp | > 4 ulp | worst tensor (max diff / max abs) |"
+        "| method | recipe dtype | tensors | max diff | elements > 1 ulp | > 4 ulp | "
+        "> 1 ulp and not at a trim tie | worst tensor (max diff / max abs) |"
     )
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|")
     for key, v in res["verify"].items():
         if "error" in v:
-            L.append(f"| {key} | | | {v['error']} | | | |")
+            L.append(f"| {key} | | | {v['error']} | | | | |")
             continue
         struct = "" if v["structure_ok"] else " (**names/shapes/dtypes differ**)"
         L.append(
             f"| {key} | {v['recipe_dtype']} | {v['tensors']}{struct} | {v['max_ulps']:.0f} ulp | "
             f"{v['beyond_1ulp']} ({v['frac_beyond_1ulp']:.2e}) | {v['beyond_4ulp']} "
-            f"({v['frac_beyond_4ulp']:.2e}) | {v['worst_tensor']}: {v['worst_rel']:.2e} |"
+            f"({v['frac_beyond_4ulp']:.2e}) | {v.get('beyond_1ulp_unexplained', '—')} | "
+            f"{v['worst_tensor']}: {v['worst_rel']:.2e} |"
         )
+    prof = res.get("profile_graft_ties")
+    if prof and "error" not in prof:
+        L.append("")
+        L.append(
+            f"Where graft's ties run spends its time (py-spy, {prof['samples']} samples over "
+            "all threads; % of samples, inclusive, graft functions):"
+        )
+        L.append("")
+        L.append("| graft function | % samples | | hottest lines (self) | % samples |")
+        L.append("|---|---|---|---|---|")
+        for (fn, pf), (ln, pl) in zip(
+            prof["top_graft_functions_pct"][:10], prof["top_lines_pct"][:10]
+        ):
+            L.append(f"| `{fn}` | {pf} | | `{ln}` | {pl} |")
     if res.get("notes"):
         L.append("")
         for n in res["notes"]:
@@ -540,9 +656,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-2x", action="store_true", help="skip the 2x-layers memory check")
     ap.add_argument(
         "--verify-fp32",
-        action="store_true",
-        help="also compare one extra untimed pair per method with dtype: float32, "
-        "out_dtype: bfloat16 (identical math in both tools)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one extra (untimed in the medians) pair per method with dtype: float32, "
+        "out_dtype: bfloat16, where both tools do the same float32 math, and compare",
+    )
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        help="py-spy binary: profile one extra graft ties run and add its hot spots",
     )
     ap.add_argument("--graft", type=Path, default=REPO / ".venv" / "bin" / "graft")
     ap.add_argument("--mergekit", type=Path, default=Path("/work/mkvenv/bin/mergekit-yaml"))
@@ -607,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
             and runs["graft"][-1]["rc"] == 0
             and runs["mergekit"][-1]["rc"] == 0
         ):
-            v = compare_dirs(outs / method / "graft", outs / method / "mergekit")
+            v = compare_dirs(
+                outs / method / "graft", outs / method / "mergekit", ties_ctx(method, inputs)
+            )
             v["recipe_dtype"] = dtype or "(none)"
             verify[method] = v
         else:
@@ -636,7 +761,9 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{method} (dtype float32, out bf16)"
             if ok:
                 verify[key] = compare_dirs(
-                    outs / f"{method}-fp32" / "graft", outs / f"{method}-fp32" / "mergekit"
+                    outs / f"{method}-fp32" / "graft",
+                    outs / f"{method}-fp32" / "mergekit",
+                    ties_ctx(method, inputs),
                 )
                 verify[key]["recipe_dtype"] = "float32 → bfloat16"
             else:
@@ -687,6 +814,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         family_info.update(layers_2x=spec2.layers, params_2x=spec2.num_params())
 
+    profile = None
+    if args.py_spy and "ties" in methods:
+        print("== profiling graft ties with py-spy")
+        profile = profile_graft(
+            args.py_spy, recipes_dir / "ties.yaml", outs / "ties-profile", args, drop
+        )
+
     if not drop:
         notes.append("The page cache could not be dropped: every run read warm inputs.")
     notes.append(
@@ -710,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "verify": verify,
         "notes": notes,
+        "profile_graft_ties": profile,
         "runs": all_runs,
     }
     results = args.results or (

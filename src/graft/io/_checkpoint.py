@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -128,6 +129,33 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=info.dtype)
         out = torch.empty(info.shape, dtype=info.dtype)
         _pread_into(self._fd(info.file), out, self._offsets[name], info.file)
+        return out
+
+    def fingerprint(self) -> str:
+        """A short content hash: names, dtypes, shapes and the first bytes of every tensor.
+
+        Cheap (a few hundred bytes read per tensor) yet different for any two checkpoints
+        whose weights differ near the start of any tensor, which a fine-tune always does.
+        Statistics files record it to catch statistics computed on another model.
+        """
+        h = hashlib.sha256()
+        for name in sorted(self.names):
+            info = self._infos[name]
+            h.update(f"{name}|{info.dtype}|{tuple(info.shape)}".encode())
+            t = self.get_prefix(name, 256)
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    def get_prefix(self, name: str, nbytes: int) -> torch.Tensor:
+        """Up to ``nbytes`` of tensor ``name``'s raw data, as uint8."""
+        info = self.info(name)
+        n = min(nbytes, info.nbytes)
+        if self._loaded is not None:
+            full = self._loaded[name].contiguous().reshape(-1).view(torch.uint8)
+            return full[:n].clone()
+        out = torch.empty(n, dtype=torch.uint8)
+        if n:
+            _pread_into(self._fd(info.file), out, self._offsets[name], info.file)
         return out
 
     def close(self) -> None:

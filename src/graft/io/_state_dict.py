@@ -9,17 +9,18 @@ import torch
 
 from graft.io._atomic import atomic_output_dir
 from graft.io._checkpoint import open_checkpoint
+from graft.io._errors import GraftIOError
 from graft.io._sidecar import copy_sidecar_files
 from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of a checkpoint into memory (copies, detached from the file).
+    """Read every tensor of a checkpoint into memory (tensors the caller owns).
 
     Use `open_checkpoint` for anything large: this holds the whole model at once.
     """
     with open_checkpoint(path) as ckpt:
-        return {name: ckpt.get(name).clone() for name in ckpt.names}
+        return {name: ckpt.get(name) for name in ckpt.names}
 
 
 def save_state_dict(
@@ -46,3 +47,40 @@ def save_state_dict(
                 w.write(name, t)
         copy_sidecar_files(None, tmp, config=config)
     return Path(dst_dir)
+
+
+def save_statistics(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    model_fingerprint: str,
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Atomically write per-tensor statistics (Fisher diagonals, Gram matrices...) to one
+    ``.safetensors`` file whose metadata names the statistic and the model it describes.
+
+    Args:
+        tensors: statistic per tensor name of the model it was computed on.
+        path: the output file.
+        kind: ``graft_statistic`` metadata (what data-aware methods check for).
+        model_fingerprint: ``Checkpoint.fingerprint()`` of the model, so a merge can refuse
+            statistics computed on another model.
+        metadata: extra string metadata (sample count, task, ...).
+        force: replace an existing file.
+    """
+    dst = Path(path)
+    if dst.exists() and not force:
+        raise GraftIOError(f"output {dst} exists; pass --force to overwrite or choose another path")
+    meta = {**(metadata or {}), "graft_statistic": kind, "graft_model_fingerprint": model_fingerprint}
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    staging = dst.parent / f".{dst.name}.graft-stats"
+    with atomic_output_dir(staging, force=True) as tmp:
+        with ShardedWriter(tmp, entries, max_shard_bytes=1 << 62, metadata=meta,
+                           filename=dst.name) as w:
+            for name, t in tensors.items():
+                w.write(name, t.contiguous())
+    os.replace(staging / dst.name, dst)
+    staging.rmdir()
+    return dst

@@ -9,6 +9,8 @@ A method is a pure function over tensors::
 * ``base``: the base model's tensor, or ``None`` when the method takes no base.
 * per-model parameters arrive as lists aligned with ``tensors``; shared parameters as
   scalars. Names are the Python argument names (``Param.arg``).
+* data-aware methods (``stats`` set) receive ``stats=[...]``, one statistic tensor (or
+  None) per input model, read from the statistics files the recipe names.
 * methods with ``uses_seed`` also receive ``generator=torch.Generator`` seeded for this
   tensor; methods with ``uses_layer`` receive ``layer`` (int or None for tensors outside
   the repeated blocks) and ``num_layers``.
@@ -72,6 +74,10 @@ class MethodSpec:
         order_independent: permuting the inputs (with their parameters) leaves the result
             unchanged; the invariant tests hold the method to it.
         compute_dtype: dtype the engine casts inputs to.
+        stats: the per-model statistic a data-aware method reads (``"fisher"``,
+            ``"gram"``...): each model's ``statistics`` parameter names a file written by
+            the statistics pass, and the method receives ``stats=[tensor or None, ...]``
+            aligned with ``tensors`` (None where the file has no entry for this tensor).
     """
 
     name: str
@@ -86,6 +92,7 @@ class MethodSpec:
     order_independent: bool = True
     compute_dtype: torch.dtype = torch.float32
     paper: str = ""
+    stats: str | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

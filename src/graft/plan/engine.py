@@ -171,6 +171,11 @@ class _Worker:
         inputs = [self._load(s, cdt) for s in job.inputs]
         base = self._load(job.base, cdt) if job.base is not None else None
         kwargs = dict(job.params)
+        if spec.stats:
+            kwargs["stats"] = [
+                None if s is None else self._read(s).to(device=self.device, dtype=cdt)
+                for s in job.stats
+            ]
         if spec.uses_seed:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(job.seed)

@@ -56,6 +56,7 @@ class TensorJob:
     layer: int | None
     seed: int
     copy: bool = False
+    stats: tuple[Source | None, ...] = ()
 
 
 @dataclass
@@ -76,7 +77,7 @@ class MergePlan:
         return self.recipe.method
 
     def input_bytes(self, job: TensorJob) -> int:
-        srcs = list(job.inputs) + ([job.base] if job.base else [])
+        srcs = list(job.inputs) + ([job.base] if job.base else []) + [s for s in job.stats if s]
         return sum(self.checkpoints[s.model].info(s.name).nbytes for s in srcs)
 
     def output_bytes(self) -> int:
@@ -297,6 +298,7 @@ class _Planner:
         if m.base == "required" and base is None:
             raise PlanError(f"{m.name} needs base_model (tensor {out_name})")
         params = self._resolve(out_name, inputs, scopes, shared_scopes, t)
+        stats = self._stat_sources(inputs, params.pop("statistics")) if m.stats else ()
         self.jobs.append(
             TensorJob(
                 name=out_name,
@@ -307,8 +309,40 @@ class _Planner:
                 params=params,
                 layer=layer,
                 seed=tensor_seed(self.seed, out_name),
+                stats=stats,
             )
         )
+
+    def _stat_sources(self, inputs: list[Source], paths: list[str]) -> tuple[Source | None, ...]:
+        """Each input's statistic for this tensor (None where the file has none)."""
+        out = []
+        for src, path in zip(inputs, paths, strict=True):
+            ref = self._stats_file(src.model, path)
+            out.append(Source(ref, src.name) if src.name in self.ckpts[ref] else None)
+        return tuple(out)
+
+    def _stats_file(self, model: ModelRef, path: str) -> ModelRef:
+        """Open a statistics file once, checking its kind and the model it was computed on."""
+        ref = ModelRef(path)
+        if ref in self.ckpts:
+            return ref
+        ckpt = open_models([ref], self.recipe.root)[ref]
+        self.ckpts[ref] = ckpt
+        kind = ckpt.metadata.get("graft_statistic")
+        if kind != self.method.stats:
+            raise PlanError(
+                f"statistics file {path} holds {kind or 'no graft statistic'}, but "
+                f"{self.method.name} needs {self.method.stats}; compute them with "
+                f"`graft stats {self.method.stats}`"
+            )
+        want = ckpt.metadata.get("graft_model_fingerprint")
+        have = self.ckpts[model].fingerprint()
+        if want != have:
+            raise PlanError(
+                f"statistics file {path} was computed on a different model than {model}; "
+                f"recompute them for {model} with `graft stats {self.method.stats}`"
+            )
+        return ref
 
     def _info(self, src: Source):
         ckpt = self.ckpts[src.model]
