@@ -177,7 +177,9 @@ class _Worker:
                 for s in job.stats
             ]
         if spec.uses_seed:
-            gen = torch.Generator(device=self.device)
+            # A CPU generator whatever the device: the same seed gives the same masks on
+            # CPU and GPU, so a merge is reproducible across machines.
+            gen = torch.Generator()
             gen.manual_seed(job.seed)
             kwargs["generator"] = gen
         if spec.uses_layer:
