@@ -403,7 +403,8 @@ def profile_graft(py_spy: Path, recipe: Path, out: Path, args, drop: bool) -> di
             continue
         total += int(n)
         frames = stack.split(";")
-        leaf[frames[-1]] = leaf.get(frames[-1], 0) + int(n)
+        last = frames[-1] if not frames[-1].startswith("thread (") else "(no Python frame)"
+        leaf[last] = leaf.get(last, 0) + int(n)
         # inclusive, per function (line numbers dropped), graft's own code only
         funcs = {
             f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] + ")"
@@ -611,7 +612,7 @@ def render_markdown(res: dict) -> str:
         L.append("| graft function | % samples | | hottest lines (self) | % samples |")
         L.append("|---|---|---|---|---|")
         for (fn, pf), (ln, pl) in zip(
-            prof["top_graft_functions_pct"][:10], prof["top_lines_pct"][:10]
+            prof["top_graft_functions_pct"][:10], prof["top_lines_pct"][:10], strict=False
         ):
             L.append(f"| `{fn}` | {pf} | | `{ln}` | {pl} |")
     if res.get("notes"):

@@ -56,6 +56,8 @@ CASES: dict[str, dict] = {
     "nuslerp": {"per_model": {"weight": [0.3, 0.7]}},
     "multislerp": {"per_model": {"weight": [0.2, 0.5, 0.3]}},
     "passthrough": {"per_model": {"scale": [1.0]}},
+    "fisher": {"shared": {"epsilon": 1e-6}, "per_model": {"weight": [0.2, 0.5, 0.3]}},
+    "regmean": {"shared": {"alpha": 0.7}, "per_model": {"weight": [0.2, 0.5, 0.3]}},
     "lines": {
         "shared": {"method": "ties", "alpha": "auto", "beta": 0.5},
         "per_model": {"weight": [0.2, 0.5, 0.3], "density": [0.5, 0.7, 0.9]},
@@ -63,6 +65,20 @@ CASES: dict[str, dict] = {
 }
 
 NAMES = sorted(METHODS)
+
+
+def _planner_only(spec, p) -> bool:
+    """A data-aware method's ``statistics`` file path: the planner reads it, fn gets ``stats``."""
+    return bool(spec.stats) and p.name == "statistics"
+
+
+def stats_for(spec: MethodSpec, n: int) -> list[torch.Tensor]:
+    """Positive per-model statistics: Fisher diagonals, or Grams of the inputs."""
+    g = torch.Generator().manual_seed(99)
+    if spec.stats == "gram":
+        xs = [torch.randn(8, SHAPE[1], generator=g) for _ in range(n)]
+        return [x.T @ x for x in xs]
+    return [torch.rand(SHAPE, generator=g) + 0.1 for _ in range(n)]
 SHAPE = (6, 5)
 
 
@@ -87,6 +103,8 @@ def kwargs_for(spec: MethodSpec, n: int, overrides: dict | None = None) -> dict:
     kwargs = {spec.param(name).argname: value for name, value in values.items()}
     if spec.uses_layer:
         kwargs.update(layer=1, num_layers=4)
+    if spec.stats:
+        kwargs["stats"] = stats_for(spec, n)
     return kwargs
 
 
@@ -117,7 +135,7 @@ def test_case_gives_every_required_param(name):
     spec = METHODS[name]
     case = CASES[name]
     given = set(case.get("shared", {})) | set(case.get("per_model", {}))
-    required = {p.name for p in spec.params if p.default is REQUIRED}
+    required = {p.name for p in spec.params if p.default is REQUIRED and not _planner_only(spec, p)}
     assert required <= given, f"CASES[{name!r}] lacks required {sorted(required - given)}"
 
 
@@ -127,6 +145,9 @@ def test_spec_matches_function_signature(name):
     assert spec.name == name and spec.paper and spec.summary
     sig = inspect.signature(spec.fn)
     for p in spec.params:
+        if _planner_only(spec, p):
+            assert p.argname not in sig.parameters and "stats" in sig.parameters
+            continue
         assert p.argname in sig.parameters, f"{name}: fn lacks keyword {p.argname!r}"
         fn_default = sig.parameters[p.argname].default
         if p.default is REQUIRED:
@@ -215,7 +236,7 @@ def test_zero_deltas_stay_finite(name):
 
 
 def _permuted_kwargs(spec: MethodSpec, kwargs: dict, order: tuple[int, ...]) -> dict:
-    per_model = {p.argname for p in spec.params if p.per_model}
+    per_model = {p.argname for p in spec.params if p.per_model} | ({"stats"} if spec.stats else set())
     return {
         k: [v[i] for i in order] if k in per_model and isinstance(v, list) else v
         for k, v in kwargs.items()

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from graft import __version__
-from graft.cli import demo, inspect_cmd, merge, methods
+from graft.cli import demo, eval_cmd, inspect_cmd, merge, methods, stats_cmd
 from graft.io import GraftIOError
 from graft.recipe import RecipeError
 
@@ -39,6 +39,8 @@ def _root(
 app.command("merge")(merge.merge)
 app.command("methods")(methods.methods)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("eval")(eval_cmd.eval_model)
+app.command("stats")(stats_cmd.stats)
 app.command("demo")(demo.demo)
 
 

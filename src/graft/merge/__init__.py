@@ -11,12 +11,14 @@ from graft.merge import (
     breadcrumbs,
     dare,
     della,
+    fisher,
     linear,
     lines,
     model_stock,
     multislerp,
     nuslerp,
     passthrough,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
@@ -39,6 +41,8 @@ METHODS: dict[str, MethodSpec] = {
     "multislerp": multislerp.SPEC,
     "passthrough": passthrough.SPEC,
     "lines": lines.SPEC,
+    "fisher": fisher.SPEC,
+    "regmean": regmean.SPEC,
 }
 
 

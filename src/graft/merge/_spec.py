@@ -78,6 +78,8 @@ class MethodSpec:
             ``"gram"``...): each model's ``statistics`` parameter names a file written by
             the statistics pass, and the method receives ``stats=[tensor or None, ...]``
             aligned with ``tensors`` (None where the file has no entry for this tensor).
+        stats_shape: the statistic's shape for a tensor of a given shape; the planner
+            checks every statistics entry against it before reading any data.
     """
 
     name: str
@@ -93,6 +95,7 @@ class MethodSpec:
     compute_dtype: torch.dtype = torch.float32
     paper: str = ""
     stats: str | None = None
+    stats_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

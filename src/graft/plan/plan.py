@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from graft.io import Checkpoint
+from graft.io import Checkpoint, open_checkpoint
 from graft.merge import REQUIRED, MethodSpec, Param
 from graft.plan.arch import (
     count_blocks,
@@ -125,6 +126,7 @@ class _Planner:
         self.seed = seed
         self.jobs: list[TensorJob] = []
         self.notes: list[str] = []
+        self.stats_checked: set[tuple[ModelRef, ModelRef]] = set()
 
     # -- entry -------------------------------------------------------------------------
 
@@ -318,30 +320,47 @@ class _Planner:
         out = []
         for src, path in zip(inputs, paths, strict=True):
             ref = self._stats_file(src.model, path)
-            out.append(Source(ref, src.name) if src.name in self.ckpts[ref] else None)
+            if src.name not in self.ckpts[ref]:
+                out.append(None)
+                continue
+            shape = tuple(self.ckpts[src.model].info(src.name).shape)
+            want = self.method.stats_shape(shape) if self.method.stats_shape else None
+            have = tuple(self.ckpts[ref].info(src.name).shape)
+            if want is not None and have != tuple(want):
+                raise PlanError(
+                    f"statistics file {path} has shape {have} for {src.name}, expected "
+                    f"{tuple(want)} for a tensor of shape {shape}; recompute it for {src.model}"
+                )
+            out.append(Source(ref, src.name))
         return tuple(out)
 
     def _stats_file(self, model: ModelRef, path: str) -> ModelRef:
-        """Open a statistics file once, checking its kind and the model it was computed on."""
+        """Open a statistics file (once) and check, once per model, that it describes
+        that model and holds the statistic this method reads."""
         ref = ModelRef(path)
-        if ref in self.ckpts:
+        if (model, ref) in self.stats_checked:
             return ref
-        ckpt = open_models([ref], self.recipe.root)[ref]
-        self.ckpts[ref] = ckpt
+        hint = f"compute it with `graft stats {self.method.stats} {model} --task T -o {path}`"
+        if ref not in self.ckpts:
+            file = Path(path).expanduser()
+            if not file.exists() and self.recipe.root is not None and not file.is_absolute():
+                file = self.recipe.root / path
+            if not file.exists():
+                raise PlanError(f"statistics file {path} not found (for model {model}); {hint}")
+            self.ckpts[ref] = open_checkpoint(file)
+        ckpt = self.ckpts[ref]
         kind = ckpt.metadata.get("graft_statistic")
         if kind != self.method.stats:
             raise PlanError(
                 f"statistics file {path} holds {kind or 'no graft statistic'}, but "
-                f"{self.method.name} needs {self.method.stats}; compute them with "
-                f"`graft stats {self.method.stats}`"
+                f"{self.method.name} needs {self.method.stats}; {hint}"
             )
-        want = ckpt.metadata.get("graft_model_fingerprint")
-        have = self.ckpts[model].fingerprint()
-        if want != have:
+        if ckpt.metadata.get("graft_model_fingerprint") != self.ckpts[model].fingerprint():
             raise PlanError(
                 f"statistics file {path} was computed on a different model than {model}; "
-                f"recompute them for {model} with `graft stats {self.method.stats}`"
+                f"recompute it: {hint}"
             )
+        self.stats_checked.add((model, ref))
         return ref
 
     def _info(self, src: Source):

@@ -1,0 +1,1 @@
+"""Tiny runnable architectures for graft's offline real-data zoo (plain PyTorch)."""
