@@ -8,7 +8,13 @@ from graft.io._atomic import atomic_output_dir
 from graft.io._checkpoint import Checkpoint, open_checkpoint
 from graft.io._errors import GraftIOError
 from graft.io._format import TensorInfo, read_safetensors_header
-from graft.io._sidecar import copy_sidecar_files, copy_tokenizer, recipe_hash, write_model_card
+from graft.io._sidecar import (
+    copy_sidecar_files,
+    copy_tokenizer,
+    recipe_hash,
+    write_model_card,
+    write_text,
+)
 from graft.io._state_dict import load_state_dict, save_state_dict, save_statistics
 from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, parse_size
 
@@ -29,4 +35,5 @@ __all__ = [
     "save_state_dict",
     "save_statistics",
     "write_model_card",
+    "write_text",
 ]

@@ -143,3 +143,13 @@ def write_model_card(
     path = Path(dst) / "README.md"
     path.write_text(card, encoding="utf-8")
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (JSON, markdown, YAML) atomically: temp file, then rename."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.graft-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dst)
+    return dst

@@ -75,12 +75,14 @@ def save_statistics(
         raise GraftIOError(f"output {dst} exists; pass --force to overwrite or choose another path")
     meta = {**(metadata or {}), "graft_statistic": kind, "graft_model_fingerprint": model_fingerprint}
     entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.graft-stats"
-    with atomic_output_dir(staging, force=True) as tmp:
-        with ShardedWriter(tmp, entries, max_shard_bytes=1 << 62, metadata=meta,
-                           filename=dst.name) as w:
-            for name, t in tensors.items():
-                w.write(name, t.contiguous())
+    with (
+        atomic_output_dir(staging, force=True) as tmp,
+        ShardedWriter(tmp, entries, max_shard_bytes=1 << 62, metadata=meta, filename=dst.name) as w,
+    ):
+        for name, t in tensors.items():
+            w.write(name, t.contiguous())
     os.replace(staging / dst.name, dst)
     staging.rmdir()
     return dst
