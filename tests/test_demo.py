@@ -3,7 +3,6 @@
 import json
 
 from conftest import run_cli
-
 from graft.merge import METHODS
 
 
