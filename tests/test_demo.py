@@ -16,7 +16,8 @@ def test_demo_json_has_every_method_and_task(tmp_path):
     expected = {m for m in METHODS if m not in result["not_applicable"]}
     assert expected <= names | {"adamerging"}  # registry methods all ran
     assert {"fisher", "regmean", "adamerging_task", "adamerging_layer"} <= names
-    assert {"pretrained (linear probe)", "fine-tuned (individual)"} <= names
+    assert {"pretrained (linear probe)", "pretrained (fine-tuned heads)",
+            "fine-tuned (individual)"} <= names
     for row in result["rows"]:
         assert set(row["accuracy"]) == set(tasks), row["method"]
         assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values()), row["method"]

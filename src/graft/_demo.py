@@ -148,7 +148,12 @@ def run_demo(
     log("building the digits zoo (reused when already built)")
     zoo = build_zoo(workdir / "zoo", seed=seed, quick=quick, log=lambda m: None)
     r = _Runner(zoo, workdir, threads, log)
-    rows = [_pretrained_row(zoo, r.tasks), _finetuned_row(zoo, r.tasks)]
+    rows = [
+        _pretrained_row(zoo, r.tasks),
+        Row("pretrained (fine-tuned heads)", r.score(zoo.base), "reference",
+            "base backbone with each task's fine-tuned head (= any merge at λ=0)"),
+        _finetuned_row(zoo, r.tasks),
+    ]
 
     best: dict[str, float] = {}
     for method in SEARCHED:
