@@ -10,7 +10,7 @@ cache and the report says so. The machine is shared and noisy, so the results ar
 
 Measured per run: wall time of the child from spawn to exit (interpreter start and
 imports included, the post-run ``sync`` excluded and reported apart), and the peak
-resident memory of the whole process tree, sampled every 20 ms from /proc (VmRSS summed
+resident memory of the whole process tree, sampled every 50 ms from /proc (VmRSS summed
 over the child and its descendants; RssAnon reported too) and cross-checked with the
 kernel's ``ru_maxrss`` from ``wait4``.
 
@@ -144,7 +144,7 @@ def _proc_mem(pid: int) -> tuple[int, int]:
 
 
 def run_measured(
-    cmd: list[str], log_prefix: Path, *, env: dict | None = None, interval: float = 0.02
+    cmd: list[str], log_prefix: Path, *, env: dict | None = None, interval: float = 0.05
 ) -> dict:
     """Run ``cmd``; wall time, peak tree RSS (sampled) and ru_maxrss (kernel)."""
     log_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +223,11 @@ def run_tool(
     if out.exists():
         shutil.rmtree(out)
     drop_caches(drop)
+    load0 = os.getloadavg()[0]
     res = run_measured(tool_cmd(tool, recipe, out, inputs, args), args.workdir / "logs" / tag)
     res["tool"] = tool
+    # 1-min load average before / after: other work on the machine shows up here
+    res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     if res["rc"] != 0:
         tail = Path(res["stderr"]).read_text(errors="replace")[-3000:]
         res["error_tail"] = tail
@@ -445,6 +448,7 @@ def summarize(runs: list[dict]) -> dict:
         "peak_rss": median([r["peak_rss"] for r in ok]),
         "peak_anon": median([r["peak_anon_sampled"] for r in ok]),
         "sync_s": median([r["sync_s"] for r in ok]),
+        "max_loadavg_1m": max((max(r.get("loadavg_1m", [0])) for r in ok), default=None),
     }
 
 
@@ -551,6 +555,14 @@ def render_markdown(res: dict) -> str:
                 f"| {method} | {tool} | {fmt_s(s['wall_s'])} | {runs}{fail} | "
                 f"{fmt_gib(s['peak_rss'])} | {fmt_gib(s['peak_anon'])} |"
             )
+    loads = [s["max_loadavg_1m"] for t in res["summary"].values() for s in t.values()]
+    loads = [x for x in loads if x is not None]
+    if loads:
+        L.append("")
+        L.append(
+            f"Highest 1-minute load average seen around a run: {max(loads):.1f} on "
+            f"{m['cores']} cores (a value above the core count means other work competed)."
+        )
     L.append("")
     L.append("| ratio (medians, same run) | value | target | verdict |")
     L.append("|---|---|---|---|")
@@ -829,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         "included); the `sync` after each run (flushing written pages) is excluded for all tools."
     )
     notes.append(
-        "Peak RSS is the largest sum of VmRSS over the process tree, sampled every 20 ms, "
+        "Peak RSS is the largest sum of VmRSS over the process tree, sampled every 50 ms, "
         "or the kernel's ru_maxrss if larger; it includes file-backed (mmap) pages."
     )
 

@@ -99,3 +99,25 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_file(target: str | os.PathLike, *, force: bool) -> Iterator[Path]:
+    """Like `atomic_output_dir`, for one file: yields a path to write the file at, inside a
+    hidden staging dir beside `target`, and renames it to `target` on success.
+
+    Raises:
+        GraftIOError: `target` exists and not `force`, or is a directory; the disk filled up.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise GraftIOError(f"output {target} is a directory; give a file path")
+    if _exists(target) and not force:
+        raise GraftIOError(
+            f"output {target} exists; pass --force to overwrite or choose another path"
+        )
+    staging = target.parent / f".{target.name}.graft-file"
+    with atomic_output_dir(staging, force=True) as tmp:
+        yield tmp / target.name
+        os.replace(tmp / target.name, target)
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,13 @@
 """Planning and the streaming engine: recipe + headers -> one job per output tensor -> run."""
 
-from graft.plan.engine import NonFiniteInputError, RunStats, default_threads, run_plan
+from graft.plan.engine import (
+    NonFiniteInputError,
+    RunStats,
+    default_threads,
+    resolve_device,
+    run_pass,
+    run_plan,
+)
 from graft.plan.plan import MergePlan, PlanError, Source, TensorJob, plan_merge, tensor_seed
 
 __all__ = [
@@ -12,6 +19,8 @@ __all__ = [
     "TensorJob",
     "default_threads",
     "plan_merge",
+    "resolve_device",
+    "run_pass",
     "run_plan",
     "tensor_seed",
 ]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -53,10 +54,23 @@ class RunStats:
 
 
 ProgressHook = Callable[[int, int], None]  # (tensors_done_delta, bytes_delta)
+J = TypeVar("J")
 
 
 def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for ``device``; a CUDA device must exist.
+
+    Raises:
+        PlanError: CUDA asked for but not available.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PlanError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
 
 
 def run_plan(
@@ -83,10 +97,7 @@ def run_plan(
         progress: called after each tensor with (1, bytes read + written).
     """
     threads = threads or default_threads()
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PlanError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-    stats = RunStats()
+    dev = resolve_device(device)
     recipe = plan.recipe
     metadata = {
         "format": "pt",
@@ -99,13 +110,9 @@ def run_plan(
     with atomic_output_dir(Path(out), force=force) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata)
         worker = _Worker(plan, writer, dev, strict)
-        with _torch_threads(threads):
-            for job, nbytes in _run_bounded(plan.jobs, worker, threads):
-                stats.tensors += 1
-                stats.bytes_read += plan.input_bytes(job)
-                stats.bytes_written += nbytes
-                if progress is not None:
-                    progress(1, plan.input_bytes(job) + nbytes)
+        stats = run_pass(
+            plan.jobs, worker, threads=threads, input_bytes=plan.input_bytes, progress=progress
+        )
         writer.finish()
         stats.shards = len(writer.files)
         _write_sidecars(plan, tmp)
@@ -114,9 +121,47 @@ def run_plan(
     return stats
 
 
+def run_pass(
+    jobs: Sequence[J],
+    work: Callable[[J], int],
+    *,
+    threads: int,
+    input_bytes: Callable[[J], int],
+    progress: ProgressHook | None = None,
+) -> RunStats:
+    """The streaming pass every graft job shares: run ``work`` on each job, a few at once.
+
+    At most ``threads`` jobs are in flight, so memory stays near ``threads`` x (one job's
+    inputs and output). torch's intra-op threads are shared out between the workers.
+
+    Args:
+        jobs: one per output tensor (or group of output tensors), in output order.
+        work: reads a job's inputs, computes and writes its output; returns bytes written.
+            Called from worker threads; must be thread-safe.
+        threads: workers (1 runs in the calling thread).
+        input_bytes: bytes a job reads, for the statistics and the progress hook.
+        progress: called after each job with (1, bytes read + written).
+
+    Returns:
+        Tensor (job) count, bytes read and written, and the seconds the pass took.
+    """
+    stats = RunStats()
+    start = time.perf_counter()
+    with _torch_threads(threads):
+        for job, nbytes in _run_bounded(jobs, work, threads):
+            read = input_bytes(job)
+            stats.tensors += 1
+            stats.bytes_read += read
+            stats.bytes_written += nbytes
+            if progress is not None:
+                progress(1, read + nbytes)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def _run_bounded(
-    jobs: list[TensorJob], worker: _Worker, threads: int
-) -> Iterator[tuple[TensorJob, int]]:
+    jobs: Sequence[J], worker: Callable[[J], int], threads: int
+) -> Iterator[tuple[J, int]]:
     """Run jobs on ``threads`` workers with at most ``threads`` in flight at once."""
     if threads == 1:
         for job in jobs:

@@ -1,0 +1,99 @@
+"""How one tensor's delta is stored in a patch, and how it is read back.
+
+A *codec* names a storage layout; a compressor (`compeft`, `dare`, `lowrank`) chooses one
+per tensor. Each stored part is a tensor named ``{tensor}::{part}`` in the patch, except
+the single part of ``dense`` and ``replace``, stored under the tensor's own name so that
+a dense delta file is an ordinary state dict.
+
+* ``dense``: the delta itself.
+* ``replace``: a non-float tensor (integer ids, masks) whose fine-tuned value replaces the
+  base's; it is not a difference.
+* ``sparse``: ``mask`` (packed bits, one per entry) and ``values`` (the kept entries in
+  flat order).
+* ``ternary``: ``mask`` and ``sign`` (packed bits, one per *kept* entry, 1 = positive)
+  and ``scale`` (float32 scalar): kept entries are ``±scale``.
+* ``lowrank``: ``B`` (out x r) and ``A`` (r x in); the delta is ``B @ A``.
+
+Decoders return float32 on the parts' device; they trust their inputs, which
+`graft.delta.patch` checks once when a patch is opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from graft.delta._bits import packed_size, unpack_bits
+
+PARTS: dict[str, tuple[str, ...]] = {
+    "dense": ("",),
+    "replace": ("",),
+    "sparse": ("mask", "values"),
+    "ternary": ("mask", "sign", "scale"),
+    "lowrank": ("B", "A"),
+}
+
+
+def part_name(tensor: str, part: str) -> str:
+    """The stored name of one part of a tensor's delta."""
+    return tensor if part == "" else f"{tensor}::{part}"
+
+
+def expected_parts(codec: str, shape: tuple[int, ...]) -> dict[str, tuple | None]:
+    """Shapes each part must have (None: checked when decoded), for opening a patch."""
+    n = _numel(shape)
+    if codec in ("dense", "replace"):
+        return {"": shape}
+    if codec == "sparse":
+        return {"mask": (packed_size(n),), "values": None}
+    if codec == "ternary":
+        return {"mask": (packed_size(n),), "sign": None, "scale": ()}
+    return {"B": None, "A": None}
+
+
+def _sparse(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    n = _numel(shape)
+    mask = unpack_bits(parts["mask"], n).to(parts["values"].device)
+    out = torch.zeros(n, dtype=torch.float32, device=mask.device)
+    out[mask] = parts["values"].float()
+    return out.view(shape)
+
+
+def _ternary(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    n = _numel(shape)
+    mask = unpack_bits(parts["mask"], n)
+    kept = int(mask.sum())
+    positive = unpack_bits(parts["sign"], kept)
+    scale = parts["scale"].float().cpu()
+    out = torch.zeros(n, dtype=torch.float32)
+    out[mask] = torch.where(positive, scale, -scale)
+    return out.view(shape)
+
+
+def _lowrank(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return (parts["B"].float() @ parts["A"].float()).view(shape)
+
+
+def _dense(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return parts[""].float()
+
+
+DECODERS: dict[str, Callable[[Mapping[str, torch.Tensor], tuple[int, ...]], torch.Tensor]] = {
+    "dense": _dense,
+    "sparse": _sparse,
+    "ternary": _ternary,
+    "lowrank": _lowrank,
+}
+
+
+def decode(codec: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 delta a tensor's stored parts describe (not for ``replace``)."""
+    return DECODERS[codec](parts, shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
