@@ -8,12 +8,17 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+pip_install() {
+  # Quiet, but keep real errors: drop only this machine's notes about local mirrors.
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
 stamp=.venv/.graft-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[dev]"
   touch "$stamp"
 fi
 job=${1:-demo}

@@ -63,13 +63,17 @@ def reliability_bins(
     if mass:
         order = np.argsort(confidence, kind="stable")
         groups = [g for g in np.array_split(order, n_bins) if len(g)]
-        return [_bin(confidence[g], correct[g], confidence[g].min(), confidence[g].max())
-                for g in groups]
+        return [
+            _bin(confidence[g], correct[g], confidence[g].min(), confidence[g].max())
+            for g in groups
+        ]
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # right-closed bins ((m-1)/M, m/M]: index = ceil(conf * M) - 1, clamped to [0, M-1]
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    return [_bin(confidence[index == b], correct[index == b], edges[b], edges[b + 1])
-            for b in range(n_bins)]
+    return [
+        _bin(confidence[index == b], correct[index == b], edges[b], edges[b + 1])
+        for b in range(n_bins)
+    ]
 
 
 def _bin(conf: np.ndarray, correct: np.ndarray, lo: float, hi: float) -> dict:
@@ -86,9 +90,7 @@ def _bin(conf: np.ndarray, correct: np.ndarray, lo: float, hi: float) -> dict:
 def ece(bins: list[dict]) -> float:
     """Expected calibration error of `reliability_bins` output."""
     total = sum(b["n"] for b in bins)
-    return float(
-        sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"])
-    )
+    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"]))
 
 
 def mce(bins: list[dict]) -> float:
@@ -120,6 +122,7 @@ def calibration(z: np.ndarray, y: np.ndarray, *, n_bins: int = N_BINS) -> dict:
 
 def fit_temperature(z: np.ndarray, y: np.ndarray, *, iterations: int = 100) -> float:
     """The temperature T minimising NLL of softmax(z / T) on ``(z, y)`` (see module doc)."""
+
     def loss(log_s: float) -> float:
         return nll(z * math.exp(log_s), y)
 

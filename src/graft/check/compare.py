@@ -35,7 +35,9 @@ def as_logits(scores: np.ndarray, where: str, *, kind: str = "auto") -> tuple[np
     """
     s = np.asarray(scores)
     if s.ndim != 2 or not np.issubdtype(s.dtype, np.number):
-        raise RecipeError(f"scores in {where} must be a numeric (examples, classes) array; got shape {s.shape}")
+        raise RecipeError(
+            f"scores in {where} must be a numeric (examples, classes) array; got shape {s.shape}"
+        )
     if s.shape[0] == 0:
         raise RecipeError(f"{where} holds no examples; check needs at least one")
     if s.shape[1] < 2:
@@ -91,7 +93,8 @@ def compare(
             raise RecipeError(f"validation scores have {val[0].shape[1]} classes, test scores {k}")
     out: dict = {"n": len(y), "num_classes": k, "n_bins": n_bins, "models": {}}
     out["temperature_fit"] = (
-        f"validation split (n={len(val[2])})" if val is not None
+        f"validation split (n={len(val[2])})"
+        if val is not None
         else f"2-fold cross-fitting on the checked examples (n={len(y)}, seed {seed})"
     )
     for i, (name, z) in enumerate((("old", old), ("new", new))):
@@ -150,8 +153,11 @@ def label_issues(old: np.ndarray, new: np.ndarray, y: np.ndarray, probs: np.ndar
     flagged = find_label_issues(y, probs)
     keep = np.ones(len(y), dtype=bool)
     keep[flagged] = False
-    report = {"flagged": [int(i) for i in flagged], "n_flagged": int(len(flagged)),
-              "rate": float(len(flagged) / len(y))}
+    report = {
+        "flagged": [int(i) for i in flagged],
+        "n_flagged": int(len(flagged)),
+        "rate": float(len(flagged) / len(y)),
+    }
     for name, z in (("old", old), ("new", new)):
         right = z.argmax(1) == y
         report[name] = {
@@ -192,4 +198,3 @@ def jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-

@@ -36,16 +36,18 @@ def flips(y: np.ndarray, old: np.ndarray, new: np.ndarray, num_classes: int) -> 
     for c in range(num_classes):
         m = y == c
         k = int(m.sum())
-        per_class.append({
-            "class": c,
-            "n": k,
-            "old_accuracy": _rate(old_ok[m], k),
-            "new_accuracy": _rate(new_ok[m], k),
-            "nfr": _rate(neg[m], k),
-            "pfr": _rate(pos[m], k),
-            "negative_flips": int(neg[m].sum()),
-            "positive_flips": int(pos[m].sum()),
-        })
+        per_class.append(
+            {
+                "class": c,
+                "n": k,
+                "old_accuracy": _rate(old_ok[m], k),
+                "new_accuracy": _rate(new_ok[m], k),
+                "nfr": _rate(neg[m], k),
+                "pfr": _rate(pos[m], k),
+                "negative_flips": int(neg[m].sum()),
+                "positive_flips": int(pos[m].sum()),
+            }
+        )
     return {
         "n": int(n),
         "nfr": float(neg.mean()),

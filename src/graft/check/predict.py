@@ -41,7 +41,6 @@ class Data:
     name: str
     test: Split
     val: Split | None = None
-    features: np.ndarray | None = None  # for label issues: inputs of an independent model
     notes: list[str] = field(default_factory=list)
 
 
@@ -96,7 +95,11 @@ def as_labels(y: np.ndarray, where: str) -> np.ndarray:
         raise RecipeError(f"labels in {where} must be one integer per example; got shape {y.shape}")
     if len(y) == 0:
         raise RecipeError(f"{where} holds no examples; check needs at least one labelled example")
-    if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+    if (
+        not np.issubdtype(y.dtype, np.number)
+        or not np.all(np.isfinite(y))
+        or np.any(y != np.round(y))
+    ):
         raise RecipeError(f"labels in {where} must be whole numbers (class indices)")
     if y.min() < 0:
         raise RecipeError(f"labels in {where} must be class indices >= 0; found {int(y.min())}")
@@ -149,15 +152,6 @@ def zoo_logits(model: str | os.PathLike, head: torch.nn.Linear, X: np.ndarray) -
     return logits(backbone, head, x).double().numpy()
 
 
-@torch.no_grad()
-def zoo_features(model: str | os.PathLike, X: np.ndarray) -> np.ndarray:
-    """The backbone's features (N, D) of a digits-zoo model on ``X``."""
-    from graft.models.digits_net import load_backbone
-
-    backbone, _ = load_backbone(model)
-    return backbone(torch.as_tensor(np.asarray(X), dtype=torch.float32)).double().numpy()
-
-
 def load_transformers_classifier(path: str | os.PathLike) -> torch.nn.Module:
     """A Hugging Face sequence-classification model built from its config.json and loaded
     with graft's reader (safetensors, or ``.bin`` with ``weights_only``).
@@ -208,8 +202,9 @@ def transformers_logits(
     n = len(inputs["input_ids"])
     out = []
     for i in range(0, n, batch_size):
-        batch = {k: torch.as_tensor(np.asarray(v[i : i + batch_size]), dtype=torch.long)
-                 for k, v in inputs.items()}
+        batch = {
+            k: torch.as_tensor(np.asarray(v[i : i + batch_size]), dtype=torch.long)
+            for k, v in inputs.items()
+        }
         out.append(model(**batch).logits.double())
     return torch.cat(out).numpy()
-

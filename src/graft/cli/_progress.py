@@ -23,6 +23,7 @@ def tensor_progress(
     """Yields a hook ``(tensors_delta, bytes_delta)`` that advances the bar.
 
     The bar and the ETA follow bytes (reads + writes), which is what the time goes on.
+    With ``total_bytes`` 0 (not known up front) the bar only counts and shows the speed.
     """
     if not enabled:
         yield lambda n, b: None
@@ -38,7 +39,7 @@ def tensor_progress(
         console=Console(stderr=True),
     )
     with progress:
-        task = progress.add_task(label, total=max(total_bytes, 1), done=0, tensors=tensors)
+        task = progress.add_task(label, total=total_bytes or None, done=0, tensors=tensors or "?")
         done = 0
 
         def hook(n: int, nbytes: int) -> None:

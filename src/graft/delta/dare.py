@@ -41,7 +41,9 @@ SPEC = Compressor(
     summary="random drop with probability 1-density, survivors rescaled by 1/density (seeded)",
     params={"density": 0.1, "seed": 0},
     encode=dare,
-    check=lambda p: check_density(p["density"])
-    or (None if isinstance(p["seed"], int) else f"seed must be an integer, got {p['seed']!r}"),
+    check=lambda p: (
+        check_density(p["density"])
+        or (None if isinstance(p["seed"], int) else f"seed must be an integer, got {p['seed']!r}")
+    ),
     uses_seed=True,
 )

@@ -72,9 +72,7 @@ def _randomized_svd(a: torch.Tensor, q: int, generator: torch.Generator | None):
     return basis @ ub, s, vh
 
 
-def factorize(
-    delta: torch.Tensor, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
+def factorize(delta: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` with ``B @ A`` the truncated SVD of ``delta``: B = U√S, A = √S Vᵀ."""
     u, s, vh = truncated_svd(delta, **kwargs)
     root = s.sqrt()

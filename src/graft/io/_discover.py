@@ -103,7 +103,7 @@ class CachedSnapshot:
 
 def scan_hf_cache(
     cache_dir: str | os.PathLike | None = None,
-) -> tuple[list[CachedSnapshot], list[str]]:
+) -> tuple[Path, list[CachedSnapshot], list[str]]:
     """The model snapshots in a Hugging Face hub cache, read with ``huggingface_hub``.
 
     Args:
@@ -111,20 +111,20 @@ def scan_hf_cache(
             own default (``$HF_HOME/hub``, ``~/.cache/huggingface/hub``).
 
     Returns:
-        ``(snapshots sorted by repo and revision, warnings)``; warnings name the cache
-        entries huggingface_hub found corrupted (they are left out).
+        ``(cache folder, snapshots sorted by repo and revision, warnings)``; warnings name
+        the cache entries huggingface_hub found corrupted (they are left out).
 
     Raises:
         GraftIOError: huggingface_hub is not installed, or there is no cache there.
     """
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
     except ImportError as e:
         raise GraftIOError(
             "reading the Hugging Face cache needs huggingface_hub: pip install 'graft[hf]'"
         ) from e
-    where = cache_dir if cache_dir is not None else os.environ.get("HF_HUB_CACHE")
+    where = Path(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
     try:
         info = scan_cache_dir(where)
     except CacheNotFound as e:
@@ -140,7 +140,7 @@ def scan_hf_cache(
         for rev in repo.revisions
     ]
     snaps.sort(key=lambda s: (s.repo_id, s.revision))
-    return snaps, [_first_line(w) for w in info.warnings]
+    return where, snaps, [_first_line(w) for w in info.warnings]
 
 
 def _first_line(e: object) -> str:

@@ -65,7 +65,9 @@ def read_dataset(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
             if found:
                 splits[split] = read_arrays(found[0])
         if "test" not in splits:
-            raise GraftIOError(f"no test.npz or test.csv in {p}; see `graft check --help` for the layout")
+            raise GraftIOError(
+                f"no test.npz or test.csv in {p}; see `graft check --help` for the layout"
+            )
         return splits
     arrays = read_arrays(p)
     val = {k[: -len("_val")]: v for k, v in arrays.items() if k.endswith("_val")}

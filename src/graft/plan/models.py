@@ -12,27 +12,27 @@ def resolve_model_path(ref: ModelRef, root: Path | None) -> Path:
     """The local folder or file for a model reference; never downloads.
 
     Order: the path as given (relative to the working directory), then relative to the
-    recipe's folder, then the local Hugging Face cache for hub ids (``org/name``).
+    recipe's folder, then the local Hugging Face cache for hub ids (``org/name``). For
+    ``model+adapter`` this is the model's path; `open_models` resolves the adapter.
     """
-    if ref.adapter:
-        raise RecipeError(
-            f"model '{ref}': LoRA adapter inputs (model+adapter) are not supported yet; "
-            "merge the adapter into its base first"
-        )
-    candidates = [Path(ref.path).expanduser()]
-    if root is not None and not Path(ref.path).is_absolute():
-        candidates.append(root / ref.path)
+    return _resolve(ref.path, root, "model")
+
+
+def _resolve(path: str, root: Path | None, what: str) -> Path:
+    candidates = [Path(path).expanduser()]
+    if root is not None and not Path(path).is_absolute():
+        candidates.append(root / path)
     for c in candidates:
         if c.exists():
             return c
-    cached = _from_hf_cache(ref.path)
+    cached = _from_hf_cache(path)
     if cached is not None:
         return cached
     raise RecipeError(
-        f"model '{ref.path}' not found: no such local path"
-        + (f" (also tried {root / ref.path})" if root is not None else "")
+        f"{what} '{path}' not found: no such local path"
+        + (f" (also tried {root / path})" if root is not None else "")
         + " and not in the local Hugging Face cache; graft never downloads — "
-        "give a local path or download the model first"
+        "give a local path or download it first"
     )
 
 
@@ -50,8 +50,23 @@ def _from_hf_cache(repo_id: str) -> Path | None:
 
 
 def open_models(refs: list[ModelRef], root: Path | None) -> dict[ModelRef, Checkpoint]:
-    """Open every referenced checkpoint (headers only) keyed by its reference."""
+    """Open every referenced checkpoint (headers only) keyed by its reference.
+
+    A ``model+adapter`` reference opens the model with the PEFT LoRA adapter applied per
+    tensor as it is read (`graft.delta.lora.AdaptedCheckpoint`); no merged copy is made.
+    """
     opened: dict[ModelRef, Checkpoint] = {}
-    for ref in refs:
-        opened[ref] = open_checkpoint(resolve_model_path(ref, root))
+    try:
+        for ref in refs:
+            path = resolve_model_path(ref, root)
+            if ref.adapter:
+                from graft.delta.lora import open_adapted  # graft.delta imports graft.plan
+
+                opened[ref] = open_adapted(path, _resolve(ref.adapter, root, "adapter"))
+            else:
+                opened[ref] = open_checkpoint(path)
+    except BaseException:
+        for ckpt in opened.values():
+            ckpt.close()
+        raise
     return opened
