@@ -25,6 +25,12 @@ job=${1:-demo}
 shift || true
 case "$job" in
   demo) exec .venv/bin/graft demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test)
+    # The HTML report test renders pages in Debian's headless Chromium.
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "note: could not install chromium; the report rendering test will skip" >&2
+    fi
+    exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh demo|test [args...]" >&2; exit 2 ;;
 esac

@@ -183,6 +183,7 @@ def run_measured(
         "cmd": cmd,
         "rc": proc.returncode,
         "wall_s": round(wall, 3),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),  # user + system, whole reaped tree
         "sync_s": round(sync_s, 3),
         "peak_rss": max(peak_rss, maxrss),
         "peak_rss_sampled": peak_rss,
@@ -445,6 +446,8 @@ def summarize(runs: list[dict]) -> dict:
         "failed": len(runs) - len(ok),
         "wall_s": median([r["wall_s"] for r in ok]),
         "wall_all": [r["wall_s"] for r in ok],
+        "wall_min": min((r["wall_s"] for r in ok), default=None),
+        "cpu_s": median([r["cpu_s"] for r in ok]),
         "peak_rss": median([r["peak_rss"] for r in ok]),
         "peak_anon": median([r["peak_anon_sampled"] for r in ok]),
         "sync_s": median([r["sync_s"] for r in ok]),
@@ -545,15 +548,18 @@ def render_markdown(res: dict) -> str:
         f"page cache: {'dropped before every run' if res['cache_dropped'] else 'NOT dropped (no permission): all runs warm'}."
     )
     L.append("")
-    L.append("| method | tool | median wall | runs | median peak RSS (tree) | anon RSS |")
-    L.append("|---|---|---|---|---|---|")
+    L.append(
+        "| method | tool | median wall | runs (wall s) | median CPU (user+sys) | "
+        "median peak RSS (tree) | anon RSS |"
+    )
+    L.append("|---|---|---|---|---|---|---|")
     for method, tools in res["summary"].items():
         for tool, s in tools.items():
             runs = ", ".join(f"{w:.1f}" for w in s["wall_all"])
             fail = f" ({s['failed']} failed)" if s["failed"] else ""
             L.append(
                 f"| {method} | {tool} | {fmt_s(s['wall_s'])} | {runs}{fail} | "
-                f"{fmt_gib(s['peak_rss'])} | {fmt_gib(s['peak_anon'])} |"
+                f"{fmt_s(s['cpu_s'])} | {fmt_gib(s['peak_rss'])} | {fmt_gib(s['peak_anon'])} |"
             )
     loads = [s["max_loadavg_1m"] for t in res["summary"].values() for s in t.values()]
     loads = [x for x in loads if x is not None]
@@ -564,13 +570,17 @@ def render_markdown(res: dict) -> str:
             f"{m['cores']} cores (a value above the core count means other work competed)."
         )
     L.append("")
-    L.append("| ratio (medians, same run) | value | target | verdict |")
-    L.append("|---|---|---|---|")
+    L.append(
+        "| ratio (same run) | medians of wall time | best runs (min wall) | "
+        "median CPU time | target | verdict (medians) |"
+    )
+    L.append("|---|---|---|---|---|---|")
     for method in [m for m in res["summary"] if "mergekit" in res["summary"][m]]:
         key = f"{method}_speedup"
         tgt = TARGETS.get(f"{method}_speedup_vs_mergekit")
         L.append(
             f"| {method}: mergekit time / graft time | {fmt_x(r.get(key))} | "
+            f"{fmt_x(r.get(key + '_min'))} | {fmt_x(r.get(key + '_cpu'))} | "
             f"{'≥ ' + str(tgt) + '×' if tgt else '—'} | "
             f"{verdict(r.get(key), tgt, True) if tgt else '—'} |"
         )
@@ -578,18 +588,20 @@ def render_markdown(res: dict) -> str:
         tgt = TARGETS["ties_vs_floor"] if method == "ties" else None
         L.append(
             f"| {method}: graft time / I/O floor time | {fmt_x(r.get(key))} | "
+            f"{fmt_x(r.get(key + '_min'))} | {fmt_x(r.get(key + '_cpu'))} | "
             f"{'≤ ' + str(tgt) + '×' if tgt else '—'} | "
             f"{verdict(r.get(key), tgt, False) if tgt else '—'} |"
         )
         key = f"{method}_rss"
         L.append(
-            f"| {method}: graft peak RSS / mergekit peak RSS | {fmt_x(r.get(key))} | ≤ 0.5× | "
+            f"| {method}: graft peak RSS / mergekit peak RSS | {fmt_x(r.get(key))} | | | ≤ 0.5× | "
             f"{verdict(r.get(key), TARGETS['rss_vs_mergekit'], False)} |"
         )
     if "ties_rss_2x_layers" in r:
+        v2 = r.get("ties_rss_2x_layers")
         L.append(
-            f"| ties: graft peak RSS, 2× layers / 1× | {fmt_x(r.get('ties_rss_2x_layers'))} | "
-            f"< 2× | {verdict(r.get('ties_rss_2x_layers'), TARGETS['rss_2x_layers'], False, strict=True)} |"
+            f"| ties: graft peak RSS, 2× layers / 1× | {fmt_x(v2)} | | | < 2× | "
+            f"{verdict(v2, TARGETS['rss_2x_layers'], False, strict=True)} |"
         )
     L.append("")
     L.append(
@@ -787,6 +799,10 @@ def main(argv: list[str] | None = None) -> int:
         g, mk, fl = s["graft"], s["mergekit"], s["floor"]
         ratios[f"{method}_speedup"] = ratio(mk["wall_s"], g["wall_s"])
         ratios[f"{method}_vs_floor"] = ratio(g["wall_s"], fl["wall_s"])
+        ratios[f"{method}_speedup_min"] = ratio(mk["wall_min"], g["wall_min"])
+        ratios[f"{method}_vs_floor_min"] = ratio(g["wall_min"], fl["wall_min"])
+        ratios[f"{method}_speedup_cpu"] = ratio(mk["cpu_s"], g["cpu_s"])
+        ratios[f"{method}_vs_floor_cpu"] = ratio(g["cpu_s"], fl["cpu_s"])
         ratios[f"{method}_rss"] = ratio(g["peak_rss"], mk["peak_rss"])
 
     family_info = {

@@ -8,7 +8,16 @@ import sys
 import typer
 
 from graft import __version__
-from graft.cli import demo, eval_cmd, inspect_cmd, merge, methods, stats_cmd
+from graft.cli import (
+    check_cmd,
+    demo,
+    eval_cmd,
+    inspect_cmd,
+    lint_cmd,
+    merge,
+    methods,
+    stats_cmd,
+)
 from graft.io import GraftIOError
 from graft.recipe import RecipeError
 
@@ -41,6 +50,8 @@ app.command("methods")(methods.methods)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_model)
 app.command("stats")(stats_cmd.stats)
+app.command("check")(check_cmd.check)
+app.command("lint")(lint_cmd.lint)
 app.command("demo")(demo.demo)
 
 

@@ -1,0 +1,219 @@
+"""`lint`: what is risky or broken in a checkpoint, found without executing anything.
+
+Pickles (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.ckpt``) are scanned as bytes
+(`graft.check.pickle_scan`); tensors are read only when every pickle of the checkpoint
+imports nothing outside the allowlist, and then only through graft's reader
+(safetensors, or ``torch.load(weights_only=True)``), one tensor at a time
+(`graft.check.weights` says what is checked). With ``data`` (or ``task``), the model
+card's ``model-index`` accuracy claims are compared with the accuracy measured there.
+
+Findings have a severity: ``risk`` (code a pickle would run), ``error`` (NaN/Inf),
+``warning`` (everything else worth a look) or ``info``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from graft.check.pickle_scan import scan_pickle
+from graft.check.weights import (
+    DEGENERATE_WARN_FRACTION,
+    conv_filters,
+    digest,
+    dtype_anomalies,
+    value_stats,
+)
+from graft.io import (
+    GraftIOError,
+    model_files,
+    open_checkpoint,
+    read_model_card,
+    read_pickle_streams,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CLAIM_TOLERANCE = 0.02  # accuracy points (as a fraction) a claim may exceed the measurement
+
+
+def lint_path(
+    path: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    task: str | None = None,
+    zoo: str | os.PathLike = "graft-demo/zoo",
+    tolerance: float = CLAIM_TOLERANCE,
+) -> dict:
+    """Lint a model folder or a single weights / pickle file (module doc).
+
+    Returns:
+        ``{"path", "files", "findings", "conv_layers", "tensors", "claims", "ok"}``;
+        ``ok`` is False when a finding is a risk or an error.
+
+    Raises:
+        GraftIOError: nothing readable at ``path``.
+    """
+    files = model_files(path)
+    is_dir = files != [Path(path)]
+    if not files:
+        raise GraftIOError(f"no weights or pickle files in {path}; pass a model folder or file")
+    findings: list[dict] = []
+    scanned = []
+    for f in files:
+        if f.suffix not in PICKLE_SUFFIXES:
+            continue
+        for stream, raw in read_pickle_streams(f):
+            scan = scan_pickle(raw)
+            scanned.append({"file": stream, **scan})
+            for g in scan["globals"]:
+                if g["verdict"] != "safe":
+                    findings.append(
+                        _finding(
+                            "risk",
+                            "pickle",
+                            f"{stream} imports {g['module']}.{g['name']} ({g['verdict']}): "
+                            "unpickling it can run code; do not torch.load it without weights_only",
+                        )
+                    )
+            if scan["error"]:
+                findings.append(_finding("warning", "pickle", f"{stream}: {scan['error']}"))
+    report = {
+        "path": str(path),
+        "files": [str(f) for f in files],
+        "pickles": scanned,
+        "conv_layers": [],
+        "tensors": 0,
+        "params": 0,
+        "claims": [],
+    }
+    risky = any(x["severity"] == "risk" for x in findings)
+    readable = [f for f in files if f.suffix in TENSOR_SUFFIXES]
+    if risky:
+        findings.append(_finding("info", "tensors", "tensors not read: a pickle is unsafe"))
+    elif readable:
+        target = path if is_dir else readable[0]
+        findings += _tensor_checks(target, report)
+    if data is not None or task is not None:
+        findings += _claims(path, is_dir, data, task, zoo, tolerance, report)
+    report["findings"] = findings
+    report["ok"] = not any(x["severity"] in ("risk", "error") for x in findings)
+    return report
+
+
+def _finding(severity: str, check: str, message: str, tensor: str | None = None) -> dict:
+    out = {"severity": severity, "check": check, "message": message}
+    if tensor is not None:
+        out["tensor"] = tensor
+    return out
+
+
+def _tensor_checks(target, report: dict) -> list[dict]:
+    findings, seen, dtypes, zero_vectors = [], {}, {}, []
+    with open_checkpoint(target) as ckpt:
+        config_dtype = (ckpt.config or {}).get("torch_dtype")
+        for name in ckpt.names:
+            t = ckpt.get(name)
+            dtypes[name] = t.dtype
+            report["tensors"] += 1
+            report["params"] += t.numel()
+            s = value_stats(t)
+            if s["nan"] or s["inf"]:
+                findings.append(
+                    _finding(
+                        "error",
+                        "nan_inf",
+                        f"{name} has {s['nan']} NaN and {s['inf']} Inf values of {t.numel()}",
+                        name,
+                    )
+                )
+            if s["all_zero"] and t.ndim < 2:
+                zero_vectors.append(name)  # a zero bias is an ordinary initialisation
+            elif s["all_zero"]:
+                message = f"{name} is all zeros (shape {list(t.shape)})"
+                findings.append(_finding("warning", "all_zero", message, name))
+            elif not s["constant"] and t.numel() > 1:
+                seen.setdefault(digest(t), []).append(name)
+            conv = conv_filters(t)
+            if conv is not None:
+                report["conv_layers"].append({"tensor": name, **conv})
+                bad = conv["near_zero"] + conv["near_constant"]
+                if bad > DEGENERATE_WARN_FRACTION:
+                    findings.append(
+                        _finding(
+                            "warning",
+                            "degenerate_filters",
+                            f"{name}: {conv['near_zero']:.0%} of {conv['filters']} filters near zero, "
+                            f"{conv['near_constant']:.0%} near constant",
+                            name,
+                        )
+                    )
+    if zero_vectors:
+        shown = ", ".join(zero_vectors[:5]) + (", ..." if len(zero_vectors) > 5 else "")
+        message = f"{len(zero_vectors)} vectors are all zeros (biases at initialisation?): {shown}"
+        findings.append(_finding("info", "all_zero", message))
+    for names in seen.values():
+        if len(names) > 1:
+            findings.append(
+                _finding(
+                    "warning",
+                    "duplicate",
+                    f"identical tensors: "
+                    f"{', '.join(names)} (tied weights stored twice, or a copy "
+                    "where a trained tensor was expected)",
+                )
+            )
+    findings += [_finding("warning", "dtype", m) for m in dtype_anomalies(dtypes, config_dtype)]
+    return findings
+
+
+def _claims(path, is_dir: bool, data, task, zoo, tolerance: float, report: dict) -> list[dict]:
+    from graft.check.run import measure_accuracy
+
+    card = read_model_card(path) if is_dir else None
+    claims = _accuracy_claims(card or {})
+    if not claims:
+        return [_finding("info", "claims", "no accuracy in the model card's model-index")]
+    measured = measure_accuracy(path, task=task, data=data, zoo=zoo)
+    findings = []
+    for c in claims:
+        gap = c["claimed"] - measured["accuracy"]
+        row = {
+            **c,
+            "measured": measured["accuracy"],
+            "n": measured["n"],
+            "data": measured["data"],
+            "gap": gap,
+        }
+        report["claims"].append(row)
+        if gap > tolerance:
+            findings.append(
+                _finding(
+                    "warning",
+                    "claims",
+                    f"model card claims accuracy {c['claimed']:.2%} on {c['dataset']}; measured "
+                    f"{measured['accuracy']:.2%} on {measured['data']} (n={measured['n']})",
+                )
+            )
+    return findings
+
+
+def _accuracy_claims(card: dict) -> list[dict]:
+    """``{"dataset", "claimed"}`` per accuracy metric in ``model-index`` (percent → fraction)."""
+    out = []
+    for entry in card.get("model-index") or []:
+        for result in (entry or {}).get("results") or []:
+            dataset = (result or {}).get("dataset") or {}
+            name = dataset.get("name") or dataset.get("type") or "?"
+            for m in result.get("metrics") or []:
+                kind = str(m.get("type", "")).lower()
+                value = m.get("value")
+                if "acc" in kind and isinstance(value, int | float):
+                    out.append(
+                        {
+                            "dataset": str(name),
+                            "metric": kind,
+                            "claimed": value / 100 if value > 1 else float(value),
+                        }
+                    )
+    return out

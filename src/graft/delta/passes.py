@@ -1,0 +1,572 @@
+"""diff, apply, transfer and compress: each a plan over headers plus one streaming pass.
+
+Every check that can fail on the inputs (missing tensors, shapes, the base's content hash,
+a rank too large, a corrupt patch layout) runs while planning, before any tensor is read;
+the pass itself is graft's engine (`graft.plan.run_pass`) with a small per-tensor job, and
+every output is written atomically, so a failure leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from graft import __version__
+from graft.delta import codecs
+from graft.delta._spec import Compressor
+from graft.delta.patch import FORMAT_VERSION, Delta, DeltaError, Entry, open_delta
+from graft.io import (
+    Checkpoint,
+    ShardedWriter,
+    SpoolWriter,
+    atomic_output_dir,
+    atomic_output_file,
+    copy_sidecar_files,
+    open_checkpoint,
+    write_model_card,
+)
+from graft.plan import RunStats, default_threads, resolve_device, run_pass, tensor_seed
+from graft.plan.arch import count_blocks, split_block_name
+from graft.recipe import evaluate_setting
+from graft.recipe._settings import parse_setting
+
+ProgressHook = Callable[[int, int], None]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Report:
+    """What a delta pass did: the engine's statistics plus what the user should know.
+
+    Attributes:
+        stats: tensors, bytes read/written, seconds.
+        output: the path written.
+        overlapped: tensors whose shapes differed, changed over the overlapping rows only.
+        untouched: base tensors no delta changes (copied unchanged).
+        warnings: e.g. a base hash mismatch accepted with ``force_base``.
+        bytes_on_disk: size of the output file (compress, diff, extract-lora).
+        bytes_before: size of the input delta file (compress).
+    """
+
+    stats: RunStats
+    output: Path
+    overlapped: list[str] = field(default_factory=list)
+    untouched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_on_disk: int = 0
+    bytes_before: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / max(self.bytes_on_disk, 1)
+
+
+class PairDelta:
+    """``ft - base`` of two open checkpoints, read per tensor: a delta never written.
+
+    Non-float tensors (ids, masks) are ``replace`` entries when ``keep_ints`` (a diff
+    records them so apply gives the fine-tune back exactly), else left out (a transfer
+    keeps the new base's).
+    """
+
+    def __init__(self, ft: Checkpoint, base: Checkpoint, *, keep_ints: bool = True):
+        self.ft, self.base, self.path = ft, base, ft.path
+        self.base_fingerprint = None
+        self.layout = {}
+        for name in ft.names:
+            info = ft.info(name)
+            if name not in base:
+                raise DeltaError(
+                    f"tensor {name} of {ft.path} is not in {base.path}; the fine-tune and its "
+                    "base must share an architecture"
+                )
+            if tuple(base.info(name).shape) != tuple(info.shape):
+                raise DeltaError(
+                    f"shape mismatch for {name}: {ft.path} has {tuple(info.shape)}, {base.path} "
+                    f"has {tuple(base.info(name).shape)}; give the base this model was tuned from"
+                )
+            if info.dtype.is_floating_point:
+                self.layout[name] = Entry(tuple(info.shape), "dense", {})
+            elif keep_ints:
+                self.layout[name] = Entry(tuple(info.shape), "replace", {})
+
+    def nbytes(self, name: str) -> int:
+        return self.ft.info(name).nbytes + self.base.info(name).nbytes
+
+    def delta(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        ft = self.ft.get(name).to(device=device, dtype=torch.float32)
+        return ft - self.base.get(name).to(device=device, dtype=torch.float32)
+
+    def replacement(self, name: str) -> torch.Tensor:
+        return self.ft.get(name)
+
+
+# --- diff ------------------------------------------------------------------------------
+
+
+def diff(
+    finetuned: str | os.PathLike,
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: ProgressHook | None = None,
+) -> Report:
+    """Write ``finetuned - base`` as a dense delta file (see `graft.delta.patch`).
+
+    Args:
+        finetuned, base: model folders or files with the same tensors and shapes.
+        out: the delta ``.safetensors`` file.
+        dtype: dtype of the stored delta (float32, float16, bfloat16); default: each
+            tensor's own dtype in the fine-tune.
+        threads, device, force, progress: as for `graft.plan.run_plan`.
+
+    Raises:
+        DeltaError: the models do not match. GraftIOError: a file problem.
+    """
+    dev = resolve_device(device)
+    value_dtype = _dtype(dtype)
+    with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
+        pair = PairDelta(ft, b)
+        outs = {n: value_dtype or ft.info(n).dtype for n in ft.names}
+        for n, e in pair.layout.items():
+            if e.codec == "replace":
+                outs[n] = ft.info(n).dtype
+        layout = {n: {"codec": e.codec, "shape": list(e.shape)} for n, e in pair.layout.items()}
+        meta = _meta(
+            "dense", b, base, ft, finetuned, {}, layout, dtype or _common_dtype(ft, ft.names)
+        )
+
+        def work(name: str, writer) -> int:
+            entry = pair.layout[name]
+            if entry.codec == "replace":
+                t = pair.replacement(name)
+            else:
+                t = pair.delta(name, dev).to(device="cpu", dtype=outs[name])
+            writer.write(name, t.contiguous())
+            return t.numel() * t.element_size()
+
+        entries = [(n, outs[n], pair.layout[n].shape) for n in ft.names]
+        return _write_file(
+            out, entries, meta, ft.names, work, pair.nbytes, threads, force, progress
+        )
+
+
+# --- apply / transfer --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _AddJob:
+    name: str
+    dtype: torch.dtype
+    terms: tuple[tuple[int, float, int | None], ...]  # (source, scale, overlap rows or None)
+    replace: int | None = None  # source whose replacement value is written
+
+
+def apply(
+    base: str | os.PathLike,
+    deltas: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    scales: Sequence[Any] = (1.0,),
+    force_base: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
+    max_shard_bytes: int | str = 5_000_000_000,
+    force: bool = False,
+    progress: ProgressHook | None = None,
+) -> Report:
+    """Write ``base + Σ scaleᵢ·deltaᵢ`` as a model folder (config and tokenizer from base).
+
+    Args:
+        base: the model to add to.
+        deltas: delta or patch files (any compressor) or PEFT LoRA adapter folders.
+        scales: one setting for all deltas or one per delta; a setting is a number, a
+            gradient over layers (``[0.5, 1.0]``) or ``{filter, value}`` entries, as in
+            merge recipes.
+        force_base: apply even where a delta records another base's hash (warns).
+
+    Raises:
+        DeltaError: hash or shape mismatch, a corrupt patch, bad scales.
+    """
+    opened: list[Delta] = []
+    try:
+        for d in deltas:
+            opened.append(open_delta(d))
+        with open_checkpoint(base) as b:
+            warnings = _check_base(b, opened, force_base)
+            report = _add(
+                b,
+                opened,
+                scales,
+                out,
+                "apply",
+                [str(d) for d in deltas],
+                threads=threads,
+                device=device,
+                max_shard_bytes=max_shard_bytes,
+                force=force,
+                progress=progress,
+            )
+            report.warnings[:0] = warnings
+            return report
+    finally:
+        for d in opened:
+            d.close()
+
+
+def transfer(
+    from_base: str | os.PathLike,
+    from_ft: str | os.PathLike,
+    onto: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    scale: Any = 1.0,
+    threads: int | None = None,
+    device: str = "cpu",
+    max_shard_bytes: int | str = 5_000_000_000,
+    force: bool = False,
+    progress: ProgressHook | None = None,
+) -> Report:
+    """Write ``onto + scale·(from_ft - from_base)`` in one pass, never writing the delta.
+
+    Tensors whose first dimension differs between the versions (an extended vocabulary)
+    get the delta over the overlapping rows; `Report.overlapped` lists them.
+    """
+    with (
+        open_checkpoint(from_base) as b1,
+        open_checkpoint(from_ft) as f1,
+        open_checkpoint(onto) as b2,
+    ):
+        pair = PairDelta(f1, b1, keep_ints=False)
+        return _add(
+            b2,
+            [pair],
+            [scale],
+            out,
+            "transfer",
+            [str(from_ft), str(from_base)],
+            threads=threads,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            force=force,
+            progress=progress,
+        )
+
+
+def _check_base(base: Checkpoint, deltas: list[Delta], force_base: bool) -> list[str]:
+    recorded = [d for d in deltas if d.base_fingerprint]
+    if not recorded:
+        return []
+    have = base.fingerprint()
+    warnings = []
+    for d in recorded:
+        if d.base_fingerprint == have:
+            continue
+        msg = (
+            f"delta {d.path} was taken against {d.metadata.get('graft_base', '?')} (hash "
+            f"{d.base_fingerprint}), but {base.path} hashes to {have}"
+        )
+        if not force_base:
+            raise DeltaError(msg + "; apply it to that base, or pass --force-base to apply anyway")
+        warnings.append(msg + "; applied anyway (--force-base)")
+    return warnings
+
+
+def _add(
+    base: Checkpoint,
+    sources,
+    scales,
+    out,
+    verb,
+    inputs,
+    *,
+    threads,
+    device,
+    max_shard_bytes,
+    force,
+    progress,
+) -> Report:
+    dev = resolve_device(device)
+    settings = _scale_settings(scales, len(sources))
+    jobs, overlapped, untouched = _plan_add(base, sources, settings)
+
+    def work(job: _AddJob, writer: ShardedWriter) -> int:
+        if job.replace is not None:
+            t = sources[job.replace].replacement(job.name).to(job.dtype)
+        elif not job.terms:
+            t = base.get(job.name)
+        else:
+            acc = base.get(job.name).to(device=dev, dtype=torch.float32)
+            for i, scale, rows in job.terms:
+                d = sources[i].delta(job.name, dev)
+                target = acc if rows is None else acc[:rows]
+                target.add_(d if rows is None else d[:rows], alpha=scale)
+            t = acc.to(device="cpu", dtype=job.dtype)
+        writer.write(job.name, t.contiguous())
+        return t.numel() * t.element_size()
+
+    def read_bytes(job: _AddJob) -> int:
+        own = base.info(job.name).nbytes if job.replace is None else 0
+        return own + sum(sources[i].nbytes(job.name) for i, _, _ in job.terms)
+
+    entries = [(j.name, j.dtype, tuple(base.info(j.name).shape)) for j in jobs]
+    card = yaml.safe_dump(
+        {
+            "graft": verb,
+            "base": str(base.path),
+            "inputs": inputs,
+            "scales": [_plain(s) for s in scales],
+        },
+        sort_keys=False,
+    )
+    with atomic_output_dir(Path(out), force=force) as tmp:
+        writer = ShardedWriter(
+            tmp,
+            entries,
+            max_shard_bytes=max_shard_bytes,
+            metadata={"graft_version": __version__, "graft_method": verb},
+        )
+        stats = run_pass(
+            jobs,
+            lambda j: work(j, writer),
+            threads=threads or default_threads(),
+            input_bytes=read_bytes,
+            progress=progress,
+        )
+        writer.finish()
+        stats.shards = len(writer.files)
+        copy_sidecar_files(base.root, tmp, config=base.config)
+        write_model_card(
+            tmp,
+            base_models=[str(base.path)],
+            relation="finetune",
+            tags=("graft", verb),
+            recipe_yaml=card,
+            title=f"graft {verb} onto {Path(base.path).name}",
+        )
+    return Report(stats, Path(out), overlapped, untouched)
+
+
+def _plan_add(base: Checkpoint, sources, settings) -> tuple[list[_AddJob], list[str], list[str]]:
+    for src in sources:
+        missing = [n for n in src.layout if n not in base]
+        if missing:
+            raise DeltaError(
+                f"tensor {missing[0]} of delta {src.path} is not in {base.path} "
+                f"({len(missing)} such); give the base the delta was made for"
+            )
+    num_layers = count_blocks(base.names, base.config)
+    jobs, overlapped, untouched = [], [], []
+    for name in base.names:
+        info = base.info(name)
+        shape = tuple(info.shape)
+        block = split_block_name(name)
+        t = 0.0 if block is None else (block.index / (num_layers - 1) if num_layers > 1 else 1.0)
+        terms, replace = [], None
+        for i, src in enumerate(sources):
+            entry = src.layout.get(name)
+            if entry is None:
+                continue
+            rows = _overlap(name, shape, entry.shape, src.path)
+            if entry.codec == "replace":
+                if rows is not None:
+                    raise DeltaError(f"tensor {name}: replacement shape {entry.shape} != {shape}")
+                replace = i
+                continue
+            if not info.dtype.is_floating_point:
+                raise DeltaError(
+                    f"tensor {name} of {base.path} is {info.dtype}; a delta cannot apply"
+                )
+            scale = evaluate_setting(settings[i], name, t, kind=float, where=f"scale of {src.path}")
+            terms.append((i, 1.0 if scale is None else scale, rows))
+            if rows is not None and name not in overlapped:
+                overlapped.append(name)
+        if not terms and replace is None:
+            untouched.append(name)
+        jobs.append(_AddJob(name, info.dtype, tuple(terms), replace if not terms else None))
+    return jobs, overlapped, untouched
+
+
+def _overlap(name: str, have: tuple, delta: tuple, path) -> int | None:
+    """None when shapes match; the overlapping row count when only dim 0 differs."""
+    if have == delta:
+        return None
+    if len(have) == len(delta) and len(have) >= 1 and have[1:] == delta[1:]:
+        return min(have[0], delta[0])
+    raise DeltaError(
+        f"shape mismatch for {name}: the base has {have}, delta {path} has {delta}; only "
+        "tensors differing in their first dimension (vocabulary rows) can be transferred"
+    )
+
+
+def _scale_settings(scales: Sequence[Any], n: int) -> list[Any]:
+    scales = list(scales) or [1.0]
+    if len(scales) == 1:
+        scales = scales * n
+    if len(scales) != n:
+        raise DeltaError(f"got {len(scales)} scales for {n} deltas; give one, or one per delta")
+    return [parse_setting(s, "--scale") for s in scales]
+
+
+# --- compress ----------------------------------------------------------------------------
+
+
+def compress(
+    delta: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: Compressor,
+    params: dict[str, Any],
+    threads: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: ProgressHook | None = None,
+) -> Report:
+    """Compress a dense delta file into a patch with ``method`` (see `graft.delta.COMPRESSORS`).
+
+    Args:
+        params: the method's parameters (missing ones take its defaults; unknown ones are
+            an error).
+
+    Raises:
+        DeltaError: unknown or invalid parameters, an input that is not a dense delta,
+            a tensor the parameters do not fit (e.g. rank too large).
+    """
+    dev = resolve_device(device)
+    p = _method_params(method, params)
+    src = open_delta(delta)
+    try:
+        if src.method != "dense":
+            raise DeltaError(
+                f"{src.path} is a {src.method} patch, not a dense delta; compress the output "
+                "of `graft diff`"
+            )
+        for name, entry in src.layout.items():
+            problem = entry.codec == "dense" and method.check_tensor(name, entry.shape, p)
+            if problem:
+                raise DeltaError(problem)
+        layout: dict[str, dict] = {}
+        lock = threading.Lock()
+        seed = p.get("seed", 0)
+
+        def work(name: str, writer: SpoolWriter) -> int:
+            entry = src.layout[name]
+            if entry.codec == "replace":
+                codec, parts = "replace", {"": src.replacement(name)}
+            else:
+                gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+                value_dtype = src.file.info(entry.parts[""]).dtype
+                codec, parts = method.encode(
+                    src.delta(name, dev),
+                    value_dtype=value_dtype,
+                    generator=gen if method.uses_seed else None,
+                    **p,
+                )
+            with lock:
+                layout[name] = {"codec": codec, "shape": list(entry.shape)}
+            for part, t in parts.items():
+                writer.write(codecs.part_name(name, part), t.contiguous())
+            return sum(t.numel() * t.element_size() for t in parts.values())
+
+        meta = {k: v for k, v in src.metadata.items() if k.startswith("graft_")}
+        meta.update(graft_delta_method=method.name, graft_params=json.dumps(p, sort_keys=True))
+        with atomic_output_file(out, force=force) as path, SpoolWriter(path) as writer:
+            stats = run_pass(
+                list(src.layout),
+                lambda n: work(n, writer),
+                threads=threads or default_threads(),
+                input_bytes=src.nbytes,
+                progress=progress,
+            )
+            writer.finish({**meta, "graft_layout": json.dumps(layout, sort_keys=True)})
+        report = Report(stats, Path(out))
+        report.bytes_before = os.path.getsize(src.path)
+        report.bytes_on_disk = os.path.getsize(out)
+        return report
+    finally:
+        src.close()
+
+
+def _method_params(method: Compressor, params: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(method.params))
+    if unknown:
+        valid = ", ".join(method.params)
+        raise DeltaError(
+            f"{method.name} takes no parameter {unknown[0]!r}; its parameters: {valid}"
+        )
+    p = {**method.params, **params}
+    problem = method.check(p)
+    if problem:
+        raise DeltaError(f"{method.name}: {problem}")
+    return p
+
+
+# --- shared ------------------------------------------------------------------------------
+
+
+def _write_file(out, entries, meta, order, work, input_bytes, threads, force, progress) -> Report:
+    """Stream ``order`` through ``work`` into one safetensors file at ``out``, atomically."""
+    with atomic_output_file(out, force=force) as path:
+        writer = ShardedWriter(
+            path.parent, entries, max_shard_bytes=1 << 62, metadata=meta, filename=path.name
+        )
+        stats = run_pass(
+            list(order),
+            lambda n: work(n, writer),
+            threads=threads or default_threads(),
+            input_bytes=input_bytes,
+            progress=progress,
+        )
+        writer.finish()
+    report = Report(stats, Path(out))
+    report.bytes_on_disk = os.path.getsize(out)
+    return report
+
+
+def _meta(method, base, base_path, ft, ft_path, params, layout, dtype) -> dict[str, str]:
+    return {
+        "graft_delta": FORMAT_VERSION,
+        "graft_delta_method": method,
+        "graft_version": __version__,
+        "graft_base": str(base_path),
+        "graft_base_fingerprint": base.fingerprint(),
+        "graft_finetuned": str(ft_path),
+        "graft_finetuned_fingerprint": ft.fingerprint(),
+        "graft_dtype": str(dtype),
+        "graft_params": json.dumps(params, sort_keys=True),
+        "graft_layout": json.dumps(layout, sort_keys=True),
+    }
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise DeltaError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _common_dtype(ckpt: Checkpoint, names) -> str:
+    """The dtype of the float tensors, or ``mixed``."""
+    found = {
+        str(ckpt.info(n).dtype).replace("torch.", "")
+        for n in names
+        if ckpt.info(n).dtype.is_floating_point
+    }
+    return found.pop() if len(found) == 1 else "mixed"
+
+
+def _plain(setting: Any) -> Any:
+    return setting if isinstance(setting, int | float | str) else str(setting)

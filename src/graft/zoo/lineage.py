@@ -1,0 +1,374 @@
+"""Model lineage from weights alone, after MoTHer ("Unsupervised Model Tree Heritage
+Recovery", Horwitz, Shul & Hoshen, ICLR 2025).
+
+Steps, on the fixed weight sample the zoo index keeps for every model
+(`graft.zoo._weights.plan_sample`; same rows for every model of one signature):
+
+1. **Distance.** Per sampled matrix, ``‖a − b‖ / sqrt((‖a‖² + ‖b‖²) / 2)``, averaged over
+   matrices. It is ~0 for a model and its fine-tune and ~√2 for unrelated models
+   (independent weights are uncorrelated).
+2. **Calibration (related or not).** Each pair gets its own "unrelated" yardstick: the same
+   distance between row ``k`` of one model and row ``k + 1`` of the other, i.e. between
+   weights with the same distribution but no shared history. A pair is related when
+   ``distance / null < related_ratio`` (0.5). On graft's digits families related pairs
+   (pretrained → fine-tune → fine-tune of the fine-tune, siblings) measure 0.1–0.35 and
+   unrelated pairs 0.99–1.01 (docs/find.md). Related models form a family (connected
+   components); models with different signatures are never related.
+3. **Direction.** MoTHer observes that weight kurtosis changes monotonically with training.
+   graft measures the sign on its own families: the mean excess kurtosis of the sampled
+   matrices *rises* from every parent to its child (initialisation → pretrained →
+   fine-tune → fine-tune of the fine-tune; `sign = +1`). An edge that runs from higher to
+   lower kurtosis costs a penalty larger than all distances together, so kurtosis orders
+   the tree and distance picks the edges.
+4. **Tree.** A minimum directed spanning tree (Chu–Liu/Edmonds, `min_arborescence`) per
+   family, rooted at a virtual node whose edges cost more than any real one, so exactly
+   one model becomes the root.
+
+Limits: permuted copies (hidden units reordered) defeat raw distances; two siblings whose
+parent is not in the index are linked as parent and child; identical weights cannot be
+ordered.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from graft.zoo._weights import split_sample
+
+if TYPE_CHECKING:
+    from graft.zoo.index import ModelRecord, ZooIndex
+
+RELATED_RATIO = 0.5
+KURTOSIS_SIGN = +1  # kurtosis rises from parent to child (measured; see module docstring)
+
+
+def pairwise_distances(samples: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean normalised distance between models, and the row-shifted "null" distance.
+
+    Args:
+        samples: per model, the same list of ``(rows, cols)`` matrices (rows >= 2).
+
+    Returns:
+        ``(distance, null)``, both ``(n, n)`` float64 and symmetric, zero diagonal for
+        ``distance``.
+    """
+    n = len(samples)
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    null = torch.zeros(n, n, dtype=torch.float64)
+    count = len(samples[0]) if n else 0
+    for t in range(count):
+        X = torch.stack([s[t].double().reshape(-1) for s in samples])
+        R = torch.stack([s[t].double().roll(1, 0).reshape(-1) for s in samples])
+        sq = (X * X).sum(1)
+        pair = sq[:, None] + sq[None, :]
+        scale = (pair / 2).clamp_min(1e-300).sqrt()
+        dist += (pair - 2 * X @ X.T).clamp_min(0).sqrt() / scale
+        shifted = (pair - 2 * X @ R.T).clamp_min(0).sqrt() / scale
+        null += (shifted + shifted.T) / 2
+    if count:
+        dist /= count
+        null /= count
+    dist.fill_diagonal_(0.0)
+    return dist, null
+
+
+def kurtosis(samples: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per model, the mean excess kurtosis of its sampled matrices, ``(n,)`` float64."""
+    out = []
+    for mats in samples:
+        ks = []
+        for m in mats:
+            x = m.double().reshape(-1)
+            x = x - x.mean()
+            m2 = (x * x).mean()
+            ks.append(float((x**4).mean() / (m2 * m2) - 3.0) if m2 > 0 else 0.0)
+        out.append(sum(ks) / len(ks) if ks else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def min_arborescence(cost: list[list[float]], root: int) -> list[int | None]:
+    """Minimum spanning arborescence (directed tree) by Chu–Liu/Edmonds.
+
+    Args:
+        cost: ``cost[u][v]`` is the weight of the edge ``u -> v`` (``math.inf``: no edge;
+            the diagonal is ignored).
+        root: the node with no parent.
+
+    Returns:
+        ``parent[v]`` for every node (None for the root). Ties go to the lower index.
+
+    Raises:
+        ValueError: some node cannot be reached from the root.
+    """
+    n = len(cost)
+    parent: list[int | None] = [None] * n
+    for v in range(n):
+        if v == root:
+            continue
+        best = min((cost[u][v], u) for u in range(n) if u != v)
+        if math.isinf(best[0]):
+            raise ValueError(f"node {v} has no incoming edge")
+        parent[v] = best[1]
+    cycle = _find_cycle(parent)
+    if cycle is None:
+        return parent
+    in_cycle = set(cycle)
+    others = [v for v in range(n) if v not in in_cycle]
+    at = {v: i for i, v in enumerate(others)}
+    c = len(others)  # the contracted cycle's index
+    sub = [[math.inf] * (c + 1) for _ in range(c + 1)]
+    enter, leave = {}, {}
+    for u in others:
+        for v in others:
+            if u != v:
+                sub[at[u]][at[v]] = cost[u][v]
+        sub[at[u]][c], enter[u] = min((cost[u][v] - cost[parent[v]][v], v) for v in cycle)
+        sub[c][at[u]], leave[u] = min((cost[w][u], w) for w in cycle)
+    tree = min_arborescence(sub, at[root])
+    out = list(parent)
+    for u in others:
+        p = tree[at[u]]
+        out[u] = None if p is None else (leave[u] if p == c else others[p])
+    u = others[tree[c]]
+    out[enter[u]] = u
+    return out
+
+
+def _find_cycle(parent: list[int | None]) -> list[int] | None:
+    seen: dict[int, int] = {}
+    for start in range(len(parent)):
+        path, v = [], start
+        while v is not None and v not in seen:
+            seen[v] = start
+            path.append(v)
+            v = parent[v]
+        if v is not None and seen[v] == start:
+            return path[path.index(v) :]
+    return None
+
+
+@dataclass
+class Lineage:
+    """The recovered forest over ``n`` models.
+
+    Attributes:
+        parents: ``parents[i]``: index of model i's parent, None for a root.
+        family: ``family[i]``: index of model i's family (related models).
+        distance, null: `pairwise_distances`.
+        kurtosis: `kurtosis`.
+    """
+
+    parents: list[int | None]
+    family: list[int]
+    distance: torch.Tensor
+    null: torch.Tensor
+    kurtosis: torch.Tensor
+
+    def ratio(self, i: int, j: int) -> float:
+        """``distance / null`` of a pair: ~1 unrelated, small related."""
+        d, z = float(self.distance[i, j]), float(self.null[i, j])
+        return d / z if z > 0 else (0.0 if d == 0 else math.inf)
+
+
+def infer_lineage(
+    samples: list[list[torch.Tensor]],
+    *,
+    related_ratio: float = RELATED_RATIO,
+    sign: int = KURTOSIS_SIGN,
+) -> Lineage:
+    """Families and family trees of models with the same sampled matrices (module docstring).
+
+    Args:
+        samples: per model, the same list of ``(rows, cols)`` matrices.
+        related_ratio: pairs with ``distance / null`` below this are related.
+        sign: +1 when kurtosis rises from parent to child, -1 for the opposite.
+    """
+    n = len(samples)
+    dist, null = pairwise_distances(samples)
+    kurt = kurtosis(samples)
+    lin = Lineage([None] * n, list(range(n)), dist, null, kurt)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if lin.ratio(i, j) < related_ratio:
+                _union(lin.family, i, j)
+    lin.family = [_root(lin.family, i) for i in range(n)]
+    for fam in sorted(set(lin.family)):
+        members = [i for i in range(n) if lin.family[i] == fam]
+        for child, parent in zip(members, _family_tree(members, dist, kurt, sign), strict=True):
+            lin.parents[child] = None if parent is None else members[parent]
+    return lin
+
+
+def _family_tree(members, dist, kurt, sign) -> list[int | None]:
+    k = len(members)
+    if k == 1:
+        return [None]
+    d = dist[members][:, members]
+    penalty = 1.0 + 2.0 * float(d.sum())
+    cost = [[math.inf] * (k + 1) for _ in range(k + 1)]
+    for u in range(k):
+        for v in range(k):
+            if u != v:
+                wrong_way = sign * (float(kurt[members[v]]) - float(kurt[members[u]])) < 0
+                cost[u][v] = float(d[u, v]) + (penalty if wrong_way else 0.0)
+    for v in range(k):
+        cost[k][v] = 2.0 * (k + 1) * penalty
+    parents = min_arborescence(cost, k)[:k]
+    return [None if p == k else p for p in parents]
+
+
+def _root(up: list[int], i: int) -> int:
+    while up[i] != i:
+        up[i] = up[up[i]]
+        i = up[i]
+    return i
+
+
+def _union(up: list[int], i: int, j: int) -> None:
+    a, b = _root(up, i), _root(up, j)
+    if a != b:
+        up[max(a, b)] = min(a, b)
+
+
+# --- the index's view -----------------------------------------------------------------
+
+
+@dataclass
+class Family:
+    """One recovered family of indexed models (model ids)."""
+
+    signature: str
+    members: list[int]
+    parents: dict[int, int | None]
+    distance: dict[int, float] = field(default_factory=dict)  # child -> distance to parent
+    ratio: dict[int, float] = field(default_factory=dict)  # child -> distance / null
+    kurtosis: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class IndexLineage:
+    """Lineage over a whole index: families (2+ related models), singletons, card checks.
+
+    ``card_checks``: per model whose card names a ``base_model``, ``{"declared", "resolved"
+    (model id or None), "verdict", "message"}``; verdict is "agrees", "ancestor",
+    "disagrees" or "unknown" (base not in the index). ``orientation``: over pairs where the
+    card's base is related by the weights, how many have kurtosis rising parent -> child.
+    """
+
+    families: list[Family]
+    singletons: list[int]
+    records: dict[int, ModelRecord]
+    card_checks: dict[int, list[dict]]
+    orientation: dict
+
+
+def index_lineage(
+    index: ZooIndex, *, related_ratio: float = RELATED_RATIO, sign: int = KURTOSIS_SIGN
+) -> IndexLineage:
+    """Recover families from the samples stored in ``index`` and check the model cards."""
+    records = {r.id: r for r in index.models()}
+    samples = index.samples()
+    groups: dict[tuple, list[int]] = {}
+    for mid, (phash, _, _) in samples.items():
+        if mid in records:
+            groups.setdefault((records[mid].signature, phash), []).append(mid)
+    families, singletons, related = [], [], {}
+    for (sig, _), ids in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        ids.sort()
+        mats = [split_sample(samples[i][2], samples[i][1]) for i in ids]
+        if not mats[0]:
+            singletons += ids
+            continue
+        lin = infer_lineage(mats, related_ratio=related_ratio, sign=sign)
+        for fam in sorted(set(lin.family)):
+            local = [k for k in range(len(ids)) if lin.family[k] == fam]
+            if len(local) == 1:
+                singletons.append(ids[local[0]])
+                continue
+            f = Family(sig, [ids[k] for k in local], {})
+            for k in local:
+                p = lin.parents[k]
+                f.parents[ids[k]] = None if p is None else ids[p]
+                f.kurtosis[ids[k]] = float(lin.kurtosis[k])
+                if p is not None:
+                    f.distance[ids[k]] = float(lin.distance[p, k])
+                    f.ratio[ids[k]] = lin.ratio(p, k)
+            families.append(f)
+        for a, i in enumerate(ids):
+            for b, j in enumerate(ids):
+                related[(i, j)] = lin.ratio(a, b)
+    singletons += [i for i in records if i not in samples]
+    checks, orientation = _check_cards(records, families, related)
+    return IndexLineage(families, sorted(singletons), records, checks, orientation)
+
+
+def _check_cards(records, families, related) -> tuple[dict, dict]:
+    parent_of, kurt = {}, {}
+    for f in families:
+        parent_of.update(f.parents)
+        kurt.update(f.kurtosis)
+    checks, rising, pairs = {}, 0, 0
+    for mid, rec in records.items():
+        out = []
+        for declared in rec.card.get("base_model", []):
+            base = _resolve(declared, rec, records)
+            out.append(_verdict(declared, base, mid, records, parent_of, related))
+            if base is not None and related.get((base, mid), math.inf) < RELATED_RATIO:
+                pairs += 1
+                rising += kurt.get(mid, 0.0) > kurt.get(base, 0.0)
+        if out:
+            checks[mid] = out
+    return checks, {"declared_related_pairs": pairs, "kurtosis_rises": rising}
+
+
+def _verdict(declared, base, mid, records, parent_of, related) -> dict:
+    out = {"declared": declared, "resolved": base}
+    inferred = parent_of.get(mid)
+    inferred_name = records[inferred].name if inferred is not None else "none (a root)"
+    if base is None:
+        return {
+            **out,
+            "verdict": "unknown",
+            "message": f"card base_model {declared} is not in the index",
+        }
+    if base == inferred:
+        return {**out, "verdict": "agrees", "message": "card base_model agrees with the weights"}
+    ancestors, p = [], inferred
+    while p is not None and p not in ancestors:
+        ancestors.append(p)
+        p = parent_of.get(p)
+    if base in ancestors:
+        msg = (
+            f"card base_model {declared} is an ancestor; the weights put {inferred_name} in between"
+        )
+        return {**out, "verdict": "ancestor", "message": msg}
+    ratio = related.get((base, mid))
+    if ratio is None:
+        why = "its tensors differ (another signature)"
+    elif ratio >= RELATED_RATIO:
+        why = f"the weights are unrelated (distance ratio {ratio:.2f})"
+    else:
+        why = f"the weights say the parent is {inferred_name}"
+    return {**out, "verdict": "disagrees", "message": f"card says base_model {declared}, but {why}"}
+
+
+def _resolve(declared: str, rec: ModelRecord, records: dict) -> int | None:
+    """The indexed model a card's ``base_model`` names: a hub repo id, a path (absolute or
+    relative to the model), or a unique path suffix."""
+    text = declared.strip().rstrip("/")
+    hits = [r for r in records.values() if r.repo_id == text]
+    if len(hits) > 1:
+        hits = [r for r in hits if "main" in r.refs] or hits[:1]
+    if not hits:
+        is_file = rec.path.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        here = os.path.dirname(rec.path) if is_file else rec.path
+        wanted = {os.path.normpath(os.path.join(here, text)), os.path.normpath(text)}
+        hits = [r for r in records.values() if r.path in wanted]
+    if not hits:
+        hits = [r for r in records.values() if r.path.endswith(os.sep + text) and r.id != rec.id]
+    return hits[0].id if len(hits) == 1 else None
