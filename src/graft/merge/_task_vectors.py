@@ -91,16 +91,21 @@ def combine(
     # Disjoint merge without materialising the agreement mask: where the elected sign is
     # + the agreeing entries are exactly the positive ones, so their sum is Σ max(wᵢδᵢ, 0);
     # where it is −, Σ min(wᵢδᵢ, 0). Zeros (trimmed or dropped entries) never count.
+    # Loops over models keep the temporaries at one tensor, not T of them.
     positive = weighted.sum(dim=0) >= 0  # γ = +, a zero sum counting as +
-    merged = torch.where(
-        positive, weighted.clamp(min=0).sum(dim=0), weighted.clamp(max=0).sum(dim=0)
-    )
+    pos_sum = torch.zeros_like(weighted[0])
+    neg_sum = torch.zeros_like(weighted[0])
+    for wd in weighted:
+        pos_sum.add_(wd.clamp(min=0))
+        neg_sum.add_(wd.clamp(max=0))
+    merged = torch.where(positive, pos_sum, neg_sum)
+    del pos_sum, neg_sum
     if normalize:
         # Σ wᵢ over agreeing models: over the positive entries where γ = +, else the negative.
-        w = torch.tensor(weights, dtype=merged.dtype, device=merged.device)
-        pos_w = torch.tensordot(w, (weighted > 0).to(merged.dtype), dims=1)
-        neg_w = torch.tensordot(w, (weighted < 0).to(merged.dtype), dims=1)
-        divisor = torch.where(positive, pos_w, neg_w)
+        divisor = torch.zeros_like(merged)
+        for w, wd in zip(weights, weighted, strict=True):
+            agree = torch.where(positive, wd > 0, wd < 0)
+            divisor.add_(agree.to(divisor.dtype), alpha=w)
         divisor.masked_fill_(divisor == 0, 1.0)
         merged.div_(divisor)
     return merged
