@@ -196,6 +196,18 @@ def render_speed(res: dict) -> str:
     L = [
         BENCH_START,
         "",
+        "## Deltas: diff, transfer, compress, apply",
+        "",
+        "`benchmarks/delta.py speed` runs each operation on the Llama-shaped family of "
+        "`benchmarks/make_family.py` (transfer uses ft2 as the stand-in new base version: same "
+        "shapes) as a fresh process calling `graft.delta.passes` with 2 threads, and the I/O "
+        "floor of the same input files (`benchmarks/io_floor.py`: read every input tensor "
+        "once, write one model-sized file; for compress that is more than the patch graft "
+        "writes, so the floor is generous there). GB moved = bytes graft read + wrote; "
+        "*pass only* is the streaming pass without interpreter start, imports, planning and "
+        "the base hash. Raw runs: `benchmarks/results/delta.json`. Reproduce: "
+        "`.venv/bin/python benchmarks/delta.py speed` (`--quick` for the tiny family).",
+        "",
         f"### Results: {res['family']}",
         "",
         f"Machine: {res['machine']}. Threads: {res['threads']}; repeats: {res['repeats']} "
@@ -217,7 +229,19 @@ def render_speed(res: dict) -> str:
             f"{r['median_pass_s']:.1f} s ({(r['bytes_read'] + r['bytes_written']) / 1e9 / r['median_pass_s']:.2f}) | "
             f"{r['median_floor_s']:.1f} s | {r['graft_over_floor']:.2f}× | {disk} |"
         )
-    L += ["", BENCH_END]
+    L += [
+        "",
+        "Compress is compute-bound on this machine (exact top-k, bit packing, randomized "
+        "SVD on 2 cores); the patches it writes are "
+        + ", ".join(
+            f"{r['ratio']:.1f}× ({r['op'].removeprefix('compress ')})"
+            for r in res["rows"]
+            if r.get("ratio")
+        )
+        + " smaller than the dense delta.",
+        "",
+        BENCH_END,
+    ]
     return "\n".join(L)
 
 

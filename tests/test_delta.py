@@ -288,12 +288,13 @@ def test_truncated_svd_matches_full_svd_and_randomized_path():
     u, s, vh = truncated_svd(a, rank=5)
     ref = torch.linalg.svd(a, full_matrices=False)
     assert torch.allclose((u * s) @ vh, (ref.U[:, :5] * ref.S[:5]) @ ref.Vh[:5], atol=1e-4)
-    # a 600 x 400 matrix of rank 6 takes the randomized path and is recovered
-    big = torch.randn(600, 6, generator=g) @ torch.randn(6, 400, generator=g)
+    # a 600 x 400 matrix of rank 6 plus noise takes the randomized path and is recovered
+    low = torch.randn(600, 6, generator=g) @ torch.randn(6, 400, generator=g)
+    big = low + 1e-3 * torch.randn(600, 400, generator=g)
     u, s, vh = truncated_svd(big, rank=6, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose((u * s) @ vh, big, atol=1e-3)
+    assert torch.allclose((u * s) @ vh, low, atol=1e-2)
     _, s, _ = truncated_svd(big, energy=0.999, generator=torch.Generator().manual_seed(1))
-    assert s.numel() <= 6
+    assert s.numel() == 6
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -426,3 +427,39 @@ def test_end_to_end_on_a_transformers_model(hf_family, tmp_path):
         assert torch.equal(got(ids).logits, want(ids).logits)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model_relation: finetune" in card
+
+
+def test_cli_extract_and_merge_lora(hf_family, tmp_path):
+    fam, _ = hf_family
+    base, ft1, ft2 = fam["llama"]
+    code, out, err = run_cli("extract-lora", ft1, base, "--rank", "2", "-o", tmp_path / "a1", "-q")
+    assert code == 0, err
+    assert "rank 2" in out and "not in it" in out
+    assert run_cli("extract-lora", ft2, base, "-r", "2", "-o", tmp_path / "a2", "-q")[0] == 0
+    code, _, err = run_cli(
+        "merge-lora",
+        tmp_path / "a1",
+        tmp_path / "a2",
+        "--weight",
+        "0.5",
+        "--weight",
+        "0.5",
+        "--rank",
+        "3",
+        "-o",
+        tmp_path / "m",
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 3
+    _fails(
+        tmp_path / "big",
+        "extract-lora",
+        ft1,
+        base,
+        "--rank",
+        "999",
+        "-o",
+        tmp_path / "big",
+        contains="--rank 999 is larger than tensor",
+    )

@@ -10,6 +10,7 @@ import typer
 from graft import __version__
 from graft.cli import (
     check_cmd,
+    delta_cmds,
     demo,
     eval_cmd,
     inspect_cmd,
@@ -52,6 +53,12 @@ app.command("eval")(eval_cmd.eval_model)
 app.command("stats")(stats_cmd.stats)
 app.command("check")(check_cmd.check)
 app.command("lint")(lint_cmd.lint)
+app.command("diff")(delta_cmds.diff)
+app.command("apply")(delta_cmds.apply)
+app.command("transfer")(delta_cmds.transfer)
+app.command("compress")(delta_cmds.compress)
+app.command("extract-lora")(delta_cmds.extract_lora)
+app.command("merge-lora")(delta_cmds.merge_lora)
 app.command("demo")(demo.demo)
 
 

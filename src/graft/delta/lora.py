@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from graft.delta._common import PairDelta, Report, parse_dtype
 from graft.delta.lowrank import factorize, truncated_svd
-from graft.delta.passes import PairDelta, Report
 from graft.delta.patch import ADAPTER_PREFIX, Delta, DeltaError, open_delta
 from graft.io import (
     Checkpoint,
@@ -104,8 +104,6 @@ def extract_lora(
         DeltaError: the models do not match, ``rank`` exceeds a target's smaller side, or
             there is nothing to target.
     """
-    from graft.delta.passes import _dtype
-
     dev = resolve_device(device)
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
         pair = PairDelta(ft, b)
@@ -121,7 +119,7 @@ def extract_lora(
                     f"allows (at most {min(ft.info(name).shape)}); choose a smaller rank"
                 )
         transpose = (ft.config or {}).get("model_type") in FAN_IN_FAN_OUT
-        value_dtype = _dtype(dtype)
+        value_dtype = parse_dtype(dtype)
         entries = []
         for name in targets:
             rows, cols = ft.info(name).shape[::-1] if transpose else ft.info(name).shape

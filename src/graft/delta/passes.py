@@ -1,18 +1,17 @@
-"""diff, apply, transfer and compress: each a plan over headers plus one streaming pass.
+"""diff, apply and transfer: each a plan over headers plus one streaming pass.
 
 Every check that can fail on the inputs (missing tensors, shapes, the base's content hash,
-a rank too large, a corrupt patch layout) runs while planning, before any tensor is read;
-the pass itself is graft's engine (`graft.plan.run_pass`) with a small per-tensor job, and
-every output is written atomically, so a failure leaves nothing at the output path.
+a corrupt patch layout) runs while planning, before any tensor is read; the pass itself
+is graft's engine (`graft.plan.run_pass`) with a small per-tensor job, and every output is
+written atomically, so a failure leaves nothing at the output path. `compress` lives in
+`graft.delta.compress` and is re-exported here, so ``passes`` holds every delta verb.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,93 +19,31 @@ import torch
 import yaml
 
 from graft import __version__
-from graft.delta import codecs
-from graft.delta._spec import Compressor
-from graft.delta.patch import FORMAT_VERSION, Delta, DeltaError, Entry, open_delta
+from graft.delta._common import (
+    PairDelta,
+    ProgressHook,
+    Report,
+    common_dtype,
+    delta_metadata,
+    parse_dtype,
+    write_file,
+)
+from graft.delta.compress import compress
+from graft.delta.patch import Delta, DeltaError, open_delta
 from graft.io import (
     Checkpoint,
     ShardedWriter,
-    SpoolWriter,
     atomic_output_dir,
-    atomic_output_file,
     copy_sidecar_files,
     open_checkpoint,
     write_model_card,
 )
-from graft.plan import RunStats, default_threads, resolve_device, run_pass, tensor_seed
+from graft.plan import default_threads, resolve_device, run_pass
 from graft.plan.arch import count_blocks, split_block_name
 from graft.recipe import evaluate_setting
 from graft.recipe._settings import parse_setting
 
-ProgressHook = Callable[[int, int], None]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Report:
-    """What a delta pass did: the engine's statistics plus what the user should know.
-
-    Attributes:
-        stats: tensors, bytes read/written, seconds.
-        output: the path written.
-        overlapped: tensors whose shapes differed, changed over the overlapping rows only.
-        untouched: base tensors no delta changes (copied unchanged).
-        warnings: e.g. a base hash mismatch accepted with ``force_base``.
-        bytes_on_disk: size of the output file (compress, diff, extract-lora).
-        bytes_before: size of the input delta file (compress).
-    """
-
-    stats: RunStats
-    output: Path
-    overlapped: list[str] = field(default_factory=list)
-    untouched: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    bytes_on_disk: int = 0
-    bytes_before: int = 0
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_before / max(self.bytes_on_disk, 1)
-
-
-class PairDelta:
-    """``ft - base`` of two open checkpoints, read per tensor: a delta never written.
-
-    Non-float tensors (ids, masks) are ``replace`` entries when ``keep_ints`` (a diff
-    records them so apply gives the fine-tune back exactly), else left out (a transfer
-    keeps the new base's).
-    """
-
-    def __init__(self, ft: Checkpoint, base: Checkpoint, *, keep_ints: bool = True):
-        self.ft, self.base, self.path = ft, base, ft.path
-        self.base_fingerprint = None
-        self.layout = {}
-        for name in ft.names:
-            info = ft.info(name)
-            if name not in base:
-                raise DeltaError(
-                    f"tensor {name} of {ft.path} is not in {base.path}; the fine-tune and its "
-                    "base must share an architecture"
-                )
-            if tuple(base.info(name).shape) != tuple(info.shape):
-                raise DeltaError(
-                    f"shape mismatch for {name}: {ft.path} has {tuple(info.shape)}, {base.path} "
-                    f"has {tuple(base.info(name).shape)}; give the base this model was tuned from"
-                )
-            if info.dtype.is_floating_point:
-                self.layout[name] = Entry(tuple(info.shape), "dense", {})
-            elif keep_ints:
-                self.layout[name] = Entry(tuple(info.shape), "replace", {})
-
-    def nbytes(self, name: str) -> int:
-        return self.ft.info(name).nbytes + self.base.info(name).nbytes
-
-    def delta(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        ft = self.ft.get(name).to(device=device, dtype=torch.float32)
-        return ft - self.base.get(name).to(device=device, dtype=torch.float32)
-
-    def replacement(self, name: str) -> torch.Tensor:
-        return self.ft.get(name)
+__all__ = ["PairDelta", "Report", "apply", "compress", "diff", "transfer"]
 
 
 # --- diff ------------------------------------------------------------------------------
@@ -136,7 +73,7 @@ def diff(
         DeltaError: the models do not match. GraftIOError: a file problem.
     """
     dev = resolve_device(device)
-    value_dtype = _dtype(dtype)
+    value_dtype = parse_dtype(dtype)
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
         pair = PairDelta(ft, b)
         outs = {n: value_dtype or ft.info(n).dtype for n in ft.names}
@@ -144,8 +81,8 @@ def diff(
             if e.codec == "replace":
                 outs[n] = ft.info(n).dtype
         layout = {n: {"codec": e.codec, "shape": list(e.shape)} for n, e in pair.layout.items()}
-        meta = _meta(
-            "dense", b, base, ft, finetuned, {}, layout, dtype or _common_dtype(ft, ft.names)
+        meta = delta_metadata(
+            "dense", b, base, ft, finetuned, {}, layout, dtype or common_dtype(ft, ft.names)
         )
 
         def work(name: str, writer) -> int:
@@ -158,9 +95,7 @@ def diff(
             return t.numel() * t.element_size()
 
         entries = [(n, outs[n], pair.layout[n].shape) for n in ft.names]
-        return _write_file(
-            out, entries, meta, ft.names, work, pair.nbytes, threads, force, progress
-        )
+        return write_file(out, entries, meta, ft.names, work, pair.nbytes, threads, force, progress)
 
 
 # --- apply / transfer --------------------------------------------------------------------
@@ -418,154 +353,6 @@ def _scale_settings(scales: Sequence[Any], n: int) -> list[Any]:
     if len(scales) != n:
         raise DeltaError(f"got {len(scales)} scales for {n} deltas; give one, or one per delta")
     return [parse_setting(s, "--scale") for s in scales]
-
-
-# --- compress ----------------------------------------------------------------------------
-
-
-def compress(
-    delta: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    method: Compressor,
-    params: dict[str, Any],
-    threads: int | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    progress: ProgressHook | None = None,
-) -> Report:
-    """Compress a dense delta file into a patch with ``method`` (see `graft.delta.COMPRESSORS`).
-
-    Args:
-        params: the method's parameters (missing ones take its defaults; unknown ones are
-            an error).
-
-    Raises:
-        DeltaError: unknown or invalid parameters, an input that is not a dense delta,
-            a tensor the parameters do not fit (e.g. rank too large).
-    """
-    dev = resolve_device(device)
-    p = _method_params(method, params)
-    src = open_delta(delta)
-    try:
-        if src.method != "dense":
-            raise DeltaError(
-                f"{src.path} is a {src.method} patch, not a dense delta; compress the output "
-                "of `graft diff`"
-            )
-        for name, entry in src.layout.items():
-            problem = entry.codec == "dense" and method.check_tensor(name, entry.shape, p)
-            if problem:
-                raise DeltaError(problem)
-        layout: dict[str, dict] = {}
-        lock = threading.Lock()
-        seed = p.get("seed", 0)
-
-        def work(name: str, writer: SpoolWriter) -> int:
-            entry = src.layout[name]
-            if entry.codec == "replace":
-                codec, parts = "replace", {"": src.replacement(name)}
-            else:
-                gen = torch.Generator().manual_seed(tensor_seed(seed, name))
-                value_dtype = src.file.info(entry.parts[""]).dtype
-                codec, parts = method.encode(
-                    src.delta(name, dev),
-                    value_dtype=value_dtype,
-                    generator=gen if method.uses_seed else None,
-                    **p,
-                )
-            with lock:
-                layout[name] = {"codec": codec, "shape": list(entry.shape)}
-            for part, t in parts.items():
-                writer.write(codecs.part_name(name, part), t.contiguous())
-            return sum(t.numel() * t.element_size() for t in parts.values())
-
-        meta = {k: v for k, v in src.metadata.items() if k.startswith("graft_")}
-        meta.update(graft_delta_method=method.name, graft_params=json.dumps(p, sort_keys=True))
-        with atomic_output_file(out, force=force) as path, SpoolWriter(path) as writer:
-            stats = run_pass(
-                list(src.layout),
-                lambda n: work(n, writer),
-                threads=threads or default_threads(),
-                input_bytes=src.nbytes,
-                progress=progress,
-            )
-            writer.finish({**meta, "graft_layout": json.dumps(layout, sort_keys=True)})
-        report = Report(stats, Path(out))
-        report.bytes_before = os.path.getsize(src.path)
-        report.bytes_on_disk = os.path.getsize(out)
-        return report
-    finally:
-        src.close()
-
-
-def _method_params(method: Compressor, params: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(params) - set(method.params))
-    if unknown:
-        valid = ", ".join(method.params)
-        raise DeltaError(
-            f"{method.name} takes no parameter {unknown[0]!r}; its parameters: {valid}"
-        )
-    p = {**method.params, **params}
-    problem = method.check(p)
-    if problem:
-        raise DeltaError(f"{method.name}: {problem}")
-    return p
-
-
-# --- shared ------------------------------------------------------------------------------
-
-
-def _write_file(out, entries, meta, order, work, input_bytes, threads, force, progress) -> Report:
-    """Stream ``order`` through ``work`` into one safetensors file at ``out``, atomically."""
-    with atomic_output_file(out, force=force) as path:
-        writer = ShardedWriter(
-            path.parent, entries, max_shard_bytes=1 << 62, metadata=meta, filename=path.name
-        )
-        stats = run_pass(
-            list(order),
-            lambda n: work(n, writer),
-            threads=threads or default_threads(),
-            input_bytes=input_bytes,
-            progress=progress,
-        )
-        writer.finish()
-    report = Report(stats, Path(out))
-    report.bytes_on_disk = os.path.getsize(out)
-    return report
-
-
-def _meta(method, base, base_path, ft, ft_path, params, layout, dtype) -> dict[str, str]:
-    return {
-        "graft_delta": FORMAT_VERSION,
-        "graft_delta_method": method,
-        "graft_version": __version__,
-        "graft_base": str(base_path),
-        "graft_base_fingerprint": base.fingerprint(),
-        "graft_finetuned": str(ft_path),
-        "graft_finetuned_fingerprint": ft.fingerprint(),
-        "graft_dtype": str(dtype),
-        "graft_params": json.dumps(params, sort_keys=True),
-        "graft_layout": json.dumps(layout, sort_keys=True),
-    }
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise DeltaError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _common_dtype(ckpt: Checkpoint, names) -> str:
-    """The dtype of the float tensors, or ``mixed``."""
-    found = {
-        str(ckpt.info(n).dtype).replace("torch.", "")
-        for n in names
-        if ckpt.info(n).dtype.is_floating_point
-    }
-    return found.pop() if len(found) == 1 else "mixed"
 
 
 def _plain(setting: Any) -> Any:

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,19 +249,33 @@ def rank_models(
         notes = [*m.notes, *([m.head_note] if wants_head and m.head_note else [])]
         row = {"model": m.path, "num_features": feats.shape[1], "scores": {}, "notes": notes}
         row["seconds"] = {"features": time.perf_counter() - start}
-        for s in specs:
-            x = feats if s.needs == "features" else probs
-            if x is None:
-                row["scores"][s.name] = None
-                continue
-            start = time.perf_counter()
-            row["scores"][s.name] = float(s.fn(x, labels))
-            row["seconds"][s.name] = time.perf_counter() - start
+        with _one_thread():
+            for s in specs:
+                x = feats if s.needs == "features" else probs
+                if x is None:
+                    row["scores"][s.name] = None
+                    continue
+                start = time.perf_counter()
+                row["scores"][s.name] = float(s.fn(x, labels))
+                row["seconds"][s.name] = time.perf_counter() - start
         rows.append(row)
     rows.sort(key=lambda r: (r["scores"][sort_by] is None, -(r["scores"][sort_by] or 0.0)))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return rows
+
+
+@contextmanager
+def _one_thread():
+    """Scores run many small tensor ops (L-BFGS steps, per-class solves), where torch's
+    intra-op threads cost more in synchronisation than they give: ~9x slower with 2
+    threads on a busy 2-core machine. Feature extraction keeps all threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _score(name: str):

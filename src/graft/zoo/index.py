@@ -423,10 +423,22 @@ class ZooIndex:
                     todo.append(c)
         return out
 
-    def samples(self) -> dict[int, tuple[str, list[SampleSpec], torch.Tensor]]:
-        """``{model id: (plan hash, plan, flat float32 sample)}`` for every readable model."""
+    def samples(
+        self, ids: Iterable[int] | None = None
+    ) -> dict[int, tuple[str, list[SampleSpec], torch.Tensor]]:
+        """``{model id: (plan hash, plan, flat float32 sample)}`` for readable models (all,
+        or those in ``ids``)."""
+        sql = "SELECT model_id, plan_hash, plan, data FROM samples"
+        if ids is None:
+            rows = self._con.execute(sql).fetchall()
+        else:
+            wanted, rows = list(ids), []
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows += self._con.execute(f"{sql} WHERE model_id IN ({marks})", chunk).fetchall()
         out = {}
-        for r in self._con.execute("SELECT model_id, plan_hash, plan, data FROM samples"):
+        for r in rows:
             data = torch.frombuffer(bytearray(r["data"]), dtype=torch.float32)
             out[r["model_id"]] = (r["plan_hash"], plan_from_json(r["plan"]), data)
         return out

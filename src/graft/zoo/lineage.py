@@ -10,19 +10,23 @@ Steps, on the fixed weight sample the zoo index keeps for every model
 2. **Calibration (related or not).** Each pair gets its own "unrelated" yardstick: the same
    distance between row ``k`` of one model and row ``k + 1`` of the other, i.e. between
    weights with the same distribution but no shared history. A pair is related when
-   ``distance / null < related_ratio`` (0.5). On graft's digits families related pairs
-   (pretrained → fine-tune → fine-tune of the fine-tune, siblings) measure 0.1–0.35 and
-   unrelated pairs 0.99–1.01 (docs/find.md). Related models form a family (connected
+   ``distance / null < related_ratio`` (0.5). On graft's digits models, 60 (pretrained,
+   fine-tune) pairs measure 0.05–0.11 (fine-tunes of fine-tunes and siblings up to ~0.15)
+   and 29 pairs of independently initialised models 0.99–1.01 (docs/find.md). Related models form a family (connected
    components); models with different signatures are never related.
 3. **Direction.** MoTHer observes that weight kurtosis changes monotonically with training.
    graft measures the sign on its own families: the mean excess kurtosis of the sampled
    matrices *rises* from every parent to its child (initialisation → pretrained →
-   fine-tune → fine-tune of the fine-tune; `sign = +1`). An edge that runs from higher to
-   lower kurtosis costs a penalty larger than all distances together, so kurtosis orders
-   the tree and distance picks the edges.
+   fine-tune → fine-tune of the fine-tune; `sign = +1`; 59 of 60 trained pairs in
+   docs/find.md). An edge that runs against the kurtosis change costs a penalty larger
+   than all distances together, so kurtosis orders the tree and distance picks the edges.
+   The change must be clear: its t statistic over the sampled matrices beyond ±2
+   (`direction`); otherwise the edge is free both ways. Weights that were never trained
+   (a "fine-tune" made by adding noise) carry no such signal.
 4. **Tree.** A minimum directed spanning tree (Chu–Liu/Edmonds, `min_arborescence`) per
    family, rooted at a virtual node whose edges cost more than any real one, so exactly
-   one model becomes the root.
+   one model becomes the root; between equally cheap trees, the model nearest to all the
+   others is the root (a base fine-tuned several times is the centre of its children).
 
 Limits: permuted copies (hidden units reordered) defeat raw distances; two siblings whose
 parent is not in the index are linked as parent and child; identical weights cannot be
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 RELATED_RATIO = 0.5
 KURTOSIS_SIGN = +1  # kurtosis rises from parent to child (measured; see module docstring)
+DIRECTION_T = 2.0  # |t| of the per-matrix kurtosis change needed to orient an edge
 
 
 def pairwise_distances(samples: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +82,36 @@ def pairwise_distances(samples: list[list[torch.Tensor]]) -> tuple[torch.Tensor,
     return dist, null
 
 
-def kurtosis(samples: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Per model, the mean excess kurtosis of its sampled matrices, ``(n,)`` float64."""
-    out = []
-    for mats in samples:
-        ks = []
-        for m in mats:
+def tensor_kurtosis(samples: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Excess kurtosis of every sampled matrix of every model, ``(n, matrices)`` float64."""
+    out = torch.zeros(len(samples), len(samples[0]) if samples else 0, dtype=torch.float64)
+    for i, mats in enumerate(samples):
+        for t, m in enumerate(mats):
             x = m.double().reshape(-1)
             x = x - x.mean()
             m2 = (x * x).mean()
-            ks.append(float((x**4).mean() / (m2 * m2) - 3.0) if m2 > 0 else 0.0)
-        out.append(sum(ks) / len(ks) if ks else 0.0)
-    return torch.tensor(out, dtype=torch.float64)
+            out[i, t] = (x**4).mean() / (m2 * m2) - 3.0 if m2 > 0 else 0.0
+    return out
+
+
+def kurtosis(samples: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per model, the mean excess kurtosis of its sampled matrices, ``(n,)`` float64."""
+    k = tensor_kurtosis(samples)
+    return k.mean(1) if k.shape[1] else torch.zeros(len(samples), dtype=torch.float64)
+
+
+def direction(k_parent: torch.Tensor, k_child: torch.Tensor) -> float:
+    """How surely kurtosis rises from one model to another: the t statistic of the
+    per-matrix differences (positive: rises). With fewer than 3 matrices, the sign of the
+    mean difference times infinity."""
+    d = k_child - k_parent
+    if len(d) < 3:
+        mean = float(d.mean()) if len(d) else 0.0
+        return math.copysign(math.inf, mean) if mean else 0.0
+    sd = float(d.std())
+    if sd == 0:
+        return math.copysign(math.inf, float(d.mean())) if float(d.mean()) else 0.0
+    return float(d.mean()) / (sd / math.sqrt(len(d)))
 
 
 def min_arborescence(cost: list[list[float]], root: int) -> list[int | None]:
@@ -190,7 +213,8 @@ def infer_lineage(
     """
     n = len(samples)
     dist, null = pairwise_distances(samples)
-    kurt = kurtosis(samples)
+    tkurt = tensor_kurtosis(samples)
+    kurt = tkurt.mean(1) if tkurt.shape[1] else torch.zeros(n, dtype=torch.float64)
     lin = Lineage([None] * n, list(range(n)), dist, null, kurt)
     for i in range(n):
         for j in range(i + 1, n):
@@ -199,12 +223,12 @@ def infer_lineage(
     lin.family = [_root(lin.family, i) for i in range(n)]
     for fam in sorted(set(lin.family)):
         members = [i for i in range(n) if lin.family[i] == fam]
-        for child, parent in zip(members, _family_tree(members, dist, kurt, sign), strict=True):
+        for child, parent in zip(members, _family_tree(members, dist, tkurt, sign), strict=True):
             lin.parents[child] = None if parent is None else members[parent]
     return lin
 
 
-def _family_tree(members, dist, kurt, sign) -> list[int | None]:
+def _family_tree(members, dist, tkurt, sign) -> list[int | None]:
     k = len(members)
     if k == 1:
         return [None]
@@ -214,10 +238,13 @@ def _family_tree(members, dist, kurt, sign) -> list[int | None]:
     for u in range(k):
         for v in range(k):
             if u != v:
-                wrong_way = sign * (float(kurt[members[v]]) - float(kurt[members[u]])) < 0
-                cost[u][v] = float(d[u, v]) + (penalty if wrong_way else 0.0)
+                t = sign * direction(tkurt[members[u]], tkurt[members[v]])
+                cost[u][v] = float(d[u, v]) + (penalty if t < -DIRECTION_T else 0.0)
+    # Exactly one root edge; among equally cheap trees (kurtosis undecided) the root is
+    # the model nearest to all others: a base fine-tuned several times is their centre.
+    spread = d.sum(1) / (1.0 + float(d.sum()))
     for v in range(k):
-        cost[k][v] = 2.0 * (k + 1) * penalty
+        cost[k][v] = 2.0 * (k + 1) * penalty + 1e-6 * float(spread[v])
     parents = min_arborescence(cost, k)[:k]
     return [None if p == k else p for p in parents]
 
@@ -272,39 +299,44 @@ def index_lineage(
 ) -> IndexLineage:
     """Recover families from the samples stored in ``index`` and check the model cards."""
     records = {r.id: r for r in index.models()}
-    samples = index.samples()
-    groups: dict[tuple, list[int]] = {}
-    for mid, (phash, _, _) in samples.items():
-        if mid in records:
-            groups.setdefault((records[mid].signature, phash), []).append(mid)
-    families, singletons, related = [], [], {}
-    for (sig, _), ids in sorted(groups.items(), key=lambda kv: min(kv[1])):
-        ids.sort()
-        mats = [split_sample(samples[i][2], samples[i][1]) for i in ids]
-        if not mats[0]:
-            singletons += ids
-            continue
-        lin = infer_lineage(mats, related_ratio=related_ratio, sign=sign)
-        for fam in sorted(set(lin.family)):
-            local = [k for k in range(len(ids)) if lin.family[k] == fam]
-            if len(local) == 1:
-                singletons.append(ids[local[0]])
+    by_signature: dict[str, list[int]] = {}
+    for r in records.values():
+        by_signature.setdefault(r.signature, []).append(r.id)
+    families, related = [], {}
+    for sig, members in sorted(by_signature.items(), key=lambda kv: min(kv[1])):
+        samples = index.samples(members) if len(members) > 1 else {}
+        groups: dict[str, list[int]] = {}  # by sample plan (one per graft version)
+        for mid, (phash, _, _) in samples.items():
+            groups.setdefault(phash, []).append(mid)
+        for ids in groups.values():
+            ids.sort()
+            mats = [split_sample(samples[i][2], samples[i][1]) for i in ids]
+            if not mats[0]:
                 continue
-            f = Family(sig, [ids[k] for k in local], {})
-            for k in local:
-                p = lin.parents[k]
-                f.parents[ids[k]] = None if p is None else ids[p]
-                f.kurtosis[ids[k]] = float(lin.kurtosis[k])
-                if p is not None:
-                    f.distance[ids[k]] = float(lin.distance[p, k])
-                    f.ratio[ids[k]] = lin.ratio(p, k)
-            families.append(f)
-        for a, i in enumerate(ids):
-            for b, j in enumerate(ids):
-                related[(i, j)] = lin.ratio(a, b)
-    singletons += [i for i in records if i not in samples]
+            lin = infer_lineage(mats, related_ratio=related_ratio, sign=sign)
+            for fam in sorted(set(lin.family)):
+                local = [k for k in range(len(ids)) if lin.family[k] == fam]
+                if len(local) > 1:
+                    families.append(_family(sig, ids, local, lin))
+            for a, i in enumerate(ids):
+                for b, j in enumerate(ids):
+                    related[(i, j)] = lin.ratio(a, b)
+    in_family = {m for f in families for m in f.members}
+    singletons = [i for i in records if i not in in_family]
     checks, orientation = _check_cards(records, families, related)
     return IndexLineage(families, sorted(singletons), records, checks, orientation)
+
+
+def _family(sig: str, ids: list[int], local: list[int], lin: Lineage) -> Family:
+    f = Family(sig, [ids[k] for k in local], {})
+    for k in local:
+        p = lin.parents[k]
+        f.parents[ids[k]] = None if p is None else ids[p]
+        f.kurtosis[ids[k]] = float(lin.kurtosis[k])
+        if p is not None:
+            f.distance[ids[k]] = float(lin.distance[p, k])
+            f.ratio[ids[k]] = lin.ratio(p, k)
+    return f
 
 
 def _check_cards(records, families, related) -> tuple[dict, dict]:
