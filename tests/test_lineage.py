@@ -212,3 +212,23 @@ def test_tree_show_and_find_by_base_from_the_cli(family, tmp_path):
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in json.loads(out)) == ["ft", "ftft"]
     code, _, err = run_cli("zoo", "tree", "--db", db, "--related-ratio", "1.5")
     assert code == 2 and "--related-ratio" in err
+
+
+def test_untrained_star_is_rooted_at_its_centre():
+    """Noise-made "fine-tunes" carry no kurtosis signal: edges are then free both ways and
+    the model nearest to all others (the base) becomes the root."""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(32, 64, generator=g) for _ in range(6)]
+    fts = [[w + 0.1 * torch.randn(w.shape, generator=g) for w in base] for _ in range(3)]
+    lin = infer_lineage([fts[0], base, fts[1], fts[2]])
+    assert lin.parents == [1, None, 1, 1]
+
+
+def test_direction_is_a_t_statistic_over_matrices():
+    from graft.zoo.lineage import direction
+
+    parent = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    assert direction(parent, torch.tensor([0.1, 0.12, 0.09, 0.11])) > 10
+    assert direction(torch.tensor([0.1, 0.12, 0.09, 0.11]), parent) < -10
+    assert abs(direction(parent, torch.tensor([0.1, -0.1, 0.05, -0.06]))) < 2
+    assert direction(torch.tensor([0.0]), torch.tensor([0.5])) == math.inf
