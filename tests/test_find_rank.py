@@ -72,13 +72,15 @@ def test_rank_two_models_json(models):
 
 
 def test_rank_table_sort_and_npz_data(models, tmp_path):
+    threads_before = torch.get_num_threads()
     X = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
     np.savez(tmp_path / "d.npz", inputs=X, labels=np.repeat([3, 7], 20))
     code, out, err = run_cli(
         "rank", "--data", tmp_path / "d.npz", "--models", models["with-head"], "--models", models["no-head"],
-        "--scores", "knn,logme", "--sort", "knn", "-q",
+        "--scores", "knn,logme", "--sort", "knn", "--threads", "1", "-q",
     )  # fmt: skip
     assert code == 0, err
+    assert torch.get_num_threads() == threads_before  # --threads is scoped to the command
     text = " ".join(out.split())
     assert "40 samples, 2 classes; sorted by knn" in text
     assert "no-head" in text and "leep" not in text  # no LEEP asked: no note about heads

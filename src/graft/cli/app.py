@@ -17,8 +17,10 @@ from graft.cli import (
     lint_cmd,
     merge,
     methods,
+    rank_cmd,
     stats_cmd,
 )
+from graft.cli.zoo_cmds import zoo_app
 from graft.io import GraftIOError
 from graft.recipe import RecipeError
 
@@ -59,6 +61,8 @@ app.command("transfer")(delta_cmds.transfer)
 app.command("compress")(delta_cmds.compress)
 app.command("extract-lora")(delta_cmds.extract_lora)
 app.command("merge-lora")(delta_cmds.merge_lora)
+app.add_typer(zoo_app, name="zoo")
+app.command("rank")(rank_cmd.rank)
 app.command("demo")(demo.demo)
 
 

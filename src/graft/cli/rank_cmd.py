@@ -36,6 +36,9 @@ def rank(
     ),
     split: str = typer.Option("train", "--split", help="Split of a zoo task."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Inputs per forward pass."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="CPU threads for forward passes (default: torch's)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
@@ -46,6 +49,11 @@ def rank(
     if not names:
         raise RecipeError("--scores is empty; e.g. --scores logme,knn")
     sort_by = sort or (DEFAULT_SCORE if DEFAULT_SCORE in names else names[0])
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         paths, skipped = _model_paths(models, db)
         X, y, described = load_data(data, split=split)
@@ -56,6 +64,8 @@ def rank(
             )
     except RankError as e:
         raise RecipeError(str(e)) from e
+    finally:
+        torch.set_num_threads(before)
     doc = {
         "data": described,
         "num_samples": len(y),
