@@ -9,10 +9,11 @@ cache and the report says so. The machine is shared and noisy, so the results ar
 *ratios* of medians taken in the same invocation.
 
 Measured per run: wall time of the child from spawn to exit (interpreter start and
-imports included, the post-run ``sync`` excluded and reported apart), and the peak
-resident memory of the whole process tree, sampled every 50 ms from /proc (VmRSS summed
-over the child and its descendants; RssAnon reported too) and cross-checked with the
-kernel's ``ru_maxrss`` from ``wait4``.
+imports included, the post-run ``sync`` excluded and reported apart), CPU time (user +
+system, from ``wait4``), and the peak resident memory: VmRSS summed over the child and its
+descendants, sampled every 50 ms from /proc, or the child's own VmHWM (the kernel's exact
+high-water mark) when larger; RssAnon is reported too. (``ru_maxrss`` is not used: after
+vfork+exec Linux folds the parent's peak into it.)
 
 Then the graft and mergekit outputs are compared tensor by tensor, in units of bfloat16
 rounding steps (ulp at the larger magnitude), and graft's ties peak RSS on a family with
@@ -128,9 +129,9 @@ def drop_caches(enabled: bool) -> None:
             f.write("3\n")
 
 
-def _proc_mem(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) of one process in bytes; (0, 0) if it is gone."""
-    rss = anon = 0
+def _proc_mem(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, RssAnon, VmHWM) of one process in bytes; zeros if it is gone."""
+    rss = anon = hwm = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -138,15 +139,25 @@ def _proc_mem(pid: int) -> tuple[int, int]:
                     rss = int(line.split()[1]) * 1024
                 elif line.startswith("RssAnon:"):
                     anon = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    return rss, anon
+    return rss, anon, hwm
 
 
 def run_measured(
     cmd: list[str], log_prefix: Path, *, env: dict | None = None, interval: float = 0.05
 ) -> dict:
-    """Run ``cmd``; wall time, peak tree RSS (sampled) and ru_maxrss (kernel)."""
+    """Run ``cmd``; wall and CPU time, peak memory of its process tree.
+
+    Peak memory is the larger of (a) the largest sum of VmRSS over the tree seen by
+    sampling and (b) the child's own VmHWM (the kernel's high-water mark of its address
+    space, exact, read at the last sample before it exits). The kernel's ``ru_maxrss``
+    from ``wait4`` is recorded but not used: after a vfork+exec it also counts the
+    *parent's* peak (Linux records the old mm's high-water mark at exec), and this
+    parent holds whole tensors while it verifies outputs.
+    """
     log_prefix.parent.mkdir(parents=True, exist_ok=True)
     with (
         open(log_prefix.with_suffix(".out"), "wb") as out_f,
@@ -155,7 +166,7 @@ def run_measured(
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
     root = psutil.Process(proc.pid)
-    peak_rss = peak_anon = 0
+    peak_rss = peak_anon = root_hwm = 0
     samples = 0
     while True:
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -167,9 +178,11 @@ def run_measured(
             pids = [proc.pid]
         rss = anon = 0
         for p in pids:
-            r, a = _proc_mem(p)
+            r, a, h = _proc_mem(p)
             rss += r
             anon += a
+            if p == proc.pid:
+                root_hwm = max(root_hwm, h)
         peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
         samples += 1
         time.sleep(interval)
@@ -178,17 +191,17 @@ def run_measured(
     t1 = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - t1
-    maxrss = ru.ru_maxrss * 1024  # kB on Linux
     return {
         "cmd": cmd,
         "rc": proc.returncode,
         "wall_s": round(wall, 3),
         "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),  # user + system, whole reaped tree
         "sync_s": round(sync_s, 3),
-        "peak_rss": max(peak_rss, maxrss),
+        "peak_rss": max(peak_rss, root_hwm),
         "peak_rss_sampled": peak_rss,
         "peak_anon_sampled": peak_anon,
-        "ru_maxrss": maxrss,
+        "root_vmhwm": root_hwm,
+        "ru_maxrss_unreliable": ru.ru_maxrss * 1024,  # kB on Linux; see docstring
         "samples": samples,
         "stdout": str(log_prefix.with_suffix(".out")),
         "stderr": str(log_prefix.with_suffix(".err")),
@@ -490,10 +503,6 @@ def machine_info(args) -> dict:
         rev += " (+uncommitted changes in src/)" if dirty else ""
     except subprocess.CalledProcessError:
         rev = "no commit yet"
-    h = hashlib.sha256()
-    for f in sorted((REPO / "src" / "graft").rglob("*.py")):
-        h.update(f.relative_to(REPO).as_posix().encode())
-        h.update(f.read_bytes())
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -504,8 +513,17 @@ def machine_info(args) -> dict:
         "mergekit": mk_version[0] if mk_version else "?",
         "mergekit_torch": mk_version[1] if len(mk_version) > 1 else "?",
         "graft_rev": rev,
-        "graft_src_sha256": h.hexdigest()[:12],
+        "graft_src_sha256": src_hash(),
     }
+
+
+def src_hash() -> str:
+    """Hash of graft's sources, to tell whether they changed during the run."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "src" / "graft").rglob("*.py")):
+        h.update(f.relative_to(REPO).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def fmt_s(x):
@@ -719,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     fam1 = make_family.build_family(spec1, args.workdir)
     fam2 = None if args.no_2x else make_family.build_family(spec2, args.workdir)
 
+    src_at_start = src_hash()
     drop = can_drop_caches()
     print(
         f"page cache: {'dropped before each run' if drop else 'cannot drop (not root?): warm runs'}"
@@ -850,6 +869,12 @@ def main(argv: list[str] | None = None) -> int:
             args.py_spy, recipes_dir / "ties.yaml", outs / "ties-profile", args, drop
         )
 
+    if src_hash() != src_at_start:
+        notes.append(
+            f"**graft's sources changed during this run** (sha256 {src_at_start} at the start): "
+            "the graft runs may mix versions; rerun for consistent numbers."
+        )
+        print("WARNING: graft's sources changed during the run", file=sys.stderr)
     if not drop:
         notes.append("The page cache could not be dropped: every run read warm inputs.")
     notes.append(
@@ -857,8 +882,9 @@ def main(argv: list[str] | None = None) -> int:
         "included); the `sync` after each run (flushing written pages) is excluded for all tools."
     )
     notes.append(
-        "Peak RSS is the largest sum of VmRSS over the process tree, sampled every 50 ms, "
-        "or the kernel's ru_maxrss if larger; it includes file-backed (mmap) pages."
+        "Peak RSS is the larger of the peak VmRSS sum over the process tree (sampled every "
+        "50 ms) and the tool process's own VmHWM (kernel high-water mark); it includes "
+        "file-backed (mmap) pages. Anon RSS is the sampled peak of RssAnon."
     )
 
     res = {
