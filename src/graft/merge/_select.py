@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-_SMALL = 1 << 20  # below this, kthvalue over everything is fast enough
+_SMALL = 1 << 16  # below this, kthvalue over everything is fast enough
 _SAMPLE = 1 << 16
 
 

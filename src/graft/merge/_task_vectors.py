@@ -102,10 +102,14 @@ def combine(
     del pos_sum, neg_sum
     if normalize:
         # Σ wᵢ over agreeing models: over the positive entries where γ = +, else the negative.
-        divisor = torch.zeros_like(merged)
-        for w, wd in zip(weights, weighted, strict=True):
-            agree = torch.where(positive, wd > 0, wd < 0)
-            divisor.add_(agree.to(divisor.dtype), alpha=w)
+        if len(set(weights)) == 1:  # equal weights: w x the count of agreeing models
+            count = torch.where(positive, (weighted > 0).sum(dim=0), (weighted < 0).sum(dim=0))
+            divisor = count.to(merged.dtype).mul_(weights[0])
+        else:
+            divisor = torch.zeros_like(merged)
+            for w, wd in zip(weights, weighted, strict=True):
+                agree = torch.where(positive, wd > 0, wd < 0)
+                divisor.add_(agree.to(divisor.dtype), alpha=w)
         divisor.masked_fill_(divisor == 0, 1.0)
         merged.div_(divisor)
     return merged

@@ -148,7 +148,7 @@ def run_pass(
     stats = RunStats()
     start = time.perf_counter()
     with _torch_threads(threads):
-        for job, nbytes in _run_bounded(jobs, work, threads):
+        for job, nbytes in _run_bounded(jobs, work, threads, input_bytes):
             read = input_bytes(job)
             stats.tensors += 1
             stats.bytes_read += read
@@ -160,27 +160,39 @@ def run_pass(
 
 
 def _run_bounded(
-    jobs: Sequence[J], worker: Callable[[J], int], threads: int
+    jobs: Sequence[J], worker: Callable[[J], int], threads: int, cost: Callable[[J], int]
 ) -> Iterator[tuple[J, int]]:
-    """Run jobs on ``threads`` workers with at most ``threads`` in flight at once."""
+    """Run jobs on ``threads`` workers, at most ``threads`` in flight, results in order of
+    completion.
+
+    A byte budget keeps the largest jobs apart: jobs start only while the bytes in flight
+    stay within ``(1 + (threads - 1) / 4)`` x the largest job, so two vocabulary-sized
+    tensors (embeddings and head) never run at once, while the many small per-layer tensors
+    still fill every worker. Peak memory is then about that budget, not threads x largest.
+    """
     if threads == 1:
         for job in jobs:
             yield job, worker(job)
         return
-    pending: dict[Future, TensorJob] = {}
-    it = iter(jobs)
+    sizes = [cost(j) for j in jobs]
+    budget = max(sizes, default=0) * (1 + (threads - 1) / 4)
+    pending: dict[Future, tuple[J, int]] = {}
+    in_flight = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graft") as pool:
         try:
-            for job in it:
-                pending[pool.submit(worker, job)] = job
-                if len(pending) >= threads:
+            for job, size in zip(jobs, sizes, strict=True):
+                while pending and (len(pending) >= threads or in_flight + size > budget):
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        yield pending.pop(fut), fut.result()
+                        finished, finished_size = pending.pop(fut)
+                        in_flight -= finished_size
+                        yield finished, fut.result()
+                pending[pool.submit(worker, job)] = (job, size)
+                in_flight += size
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    yield pending.pop(fut), fut.result()
+                    yield pending.pop(fut)[0], fut.result()
         finally:
             for fut in pending:
                 fut.cancel()
