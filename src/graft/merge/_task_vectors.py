@@ -103,7 +103,12 @@ def combine(
     if normalize:
         # Σ wᵢ over agreeing models: over the positive entries where γ = +, else the negative.
         if len(set(weights)) == 1:  # equal weights: w x the count of agreeing models
-            count = torch.where(positive, (weighted > 0).sum(dim=0), (weighted < 0).sum(dim=0))
+            small = torch.int8 if len(weights) < 128 else torch.int32  # int64 sums are slow
+            count = torch.where(
+                positive,
+                (weighted > 0).sum(dim=0, dtype=small),
+                (weighted < 0).sum(dim=0, dtype=small),
+            )
             divisor = count.to(merged.dtype).mul_(weights[0])
         else:
             divisor = torch.zeros_like(merged)
