@@ -25,21 +25,25 @@ def inspect(
         config = ckpt.config or {}
         dtype_params = Counter()
         for i in infos:
-            dtype_params[str(i.dtype).replace("torch.", "")] += _numel(i.shape)
+            dtype_params[str(i.dtype).replace("torch.", "")] += i.numel
         summary = {
             "path": str(path),
             "architecture": (config.get("architectures") or [None])[0],
             "model_type": config.get("model_type"),
             "num_layers": count_blocks(ckpt.names, config),
             "num_tensors": len(infos),
-            "num_params": sum(_numel(i.shape) for i in infos),
+            "num_params": sum(i.numel for i in infos),
             "bytes": sum(i.nbytes for i in infos),
             "params_by_dtype": dict(dtype_params),
             "files": sorted({str(i.file) for i in infos}),
         }
         if tensors or as_json:
             summary["tensors"] = [
-                {"name": i.name, "dtype": str(i.dtype).replace("torch.", ""), "shape": list(i.shape)}
+                {
+                    "name": i.name,
+                    "dtype": str(i.dtype).replace("torch.", ""),
+                    "shape": list(i.shape),
+                }
                 for i in infos
             ]
     if as_json:
@@ -58,10 +62,3 @@ def inspect(
         for t in summary["tensors"]:
             table.add_row(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
         console.print(table)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

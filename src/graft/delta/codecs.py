@@ -20,6 +20,7 @@ Decoders return float32 on the parts' device; they trust their inputs, which
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -42,7 +43,7 @@ def part_name(tensor: str, part: str) -> str:
 
 def expected_parts(codec: str, shape: tuple[int, ...]) -> dict[str, tuple | None]:
     """Shapes each part must have (None: checked when decoded), for opening a patch."""
-    n = _numel(shape)
+    n = math.prod(shape)
     if codec in ("dense", "replace"):
         return {"": shape}
     if codec == "sparse":
@@ -53,7 +54,7 @@ def expected_parts(codec: str, shape: tuple[int, ...]) -> dict[str, tuple | None
 
 
 def _sparse(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    n = _numel(shape)
+    n = math.prod(shape)
     mask = unpack_bits(parts["mask"], n).to(parts["values"].device)
     out = torch.zeros(n, dtype=torch.float32, device=mask.device)
     out[mask] = parts["values"].float()
@@ -61,7 +62,7 @@ def _sparse(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.
 
 
 def _ternary(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    n = _numel(shape)
+    n = math.prod(shape)
     mask = unpack_bits(parts["mask"], n)
     kept = int(mask.sum())
     positive = unpack_bits(parts["sign"], kept)
@@ -90,10 +91,3 @@ DECODERS: dict[str, Callable[[Mapping[str, torch.Tensor], tuple[int, ...]], torc
 def decode(codec: str, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """The float32 delta a tensor's stored parts describe (not for ``replace``)."""
     return DECODERS[codec](parts, shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

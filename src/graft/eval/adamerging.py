@@ -238,6 +238,7 @@ def adamerging_zoo(
     Returns:
         The result and the recipe YAML (paths as stored in the zoo).
     """
+    from graft.eval.stats import _as_zoo
     from graft.io import load_state_dict
     from graft.models.digits_net import load_backbone, load_head
     from graft.zoo.tasks import task_data
@@ -252,9 +253,3 @@ def adamerging_zoo(
     result = learn_coefficients(backbone, base, finetuned, heads, inputs, mode=mode, **options)
     text = recipe_yaml(result, str(zoo.base), {t: str(zoo.finetuned[t]) for t in tasks})
     return result, text
-
-
-def _as_zoo(zoo: Any):
-    from graft.eval.stats import _as_zoo as as_zoo
-
-    return as_zoo(zoo)

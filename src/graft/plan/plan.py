@@ -8,7 +8,8 @@ byte of tensor data is read or anything is written, which is what ``--dry-run`` 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,19 @@ class MergePlan:
         return sum(self.checkpoints[s.model].info(s.name).nbytes for s in srcs)
 
     def output_bytes(self) -> int:
-        return sum(_numel(j.shape) * j.out_dtype.itemsize for j in self.jobs)
+        return sum(math.prod(j.shape) * j.out_dtype.itemsize for j in self.jobs)
 
     def close(self) -> None:
         for ckpt in self.checkpoints.values():
             ckpt.close()
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def plan_merge(recipe: Recipe, *, seed: int | None = None) -> MergePlan:
@@ -103,13 +108,6 @@ def plan_merge(recipe: Recipe, *, seed: int | None = None) -> MergePlan:
         for ckpt in checkpoints.values():
             ckpt.close()
         raise
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -224,7 +222,12 @@ class _Planner:
                         Source(base, bn.renumber(base_range[0] + offset)) if base_range else None
                     )
                     self._add_job(
-                        out_name, inputs, base_src, scopes, [sl.parameters, r.parameters], t,
+                        out_name,
+                        inputs,
+                        base_src,
+                        scopes,
+                        [sl.parameters, r.parameters],
+                        t,
                         out_layer,
                     )
                 source_layers.append(src_layer)
