@@ -111,8 +111,12 @@ def _eval(model, tasks, zoo_root, capsys, split="test"):
 
 def test_eval_command_all_tasks_as_json(zoo, capsys):
     out = _eval(zoo.finetuned["transpose-digit"], ["all"], zoo.root, capsys)
-    assert list(out["results"]) == list(TASKS)
-    assert out["results"]["transpose-digit"] == zoo.report["tasks"]["transpose-digit"]["finetuned"]
+    assert list(out["results"]) == [f"task:{t}" for t in TASKS]
+    got = out["results"]["task:transpose-digit"]
+    ref = zoo.report["tasks"]["transpose-digit"]["finetuned"]
+    assert (got["accuracy"], got["n"]) == (ref["accuracy"], ref["n"])
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert got["head"].endswith("heads/transpose-digit.safetensors")
 
 
 def test_eval_command_table(zoo, capsys):
@@ -154,5 +158,5 @@ def test_eval_command_not_a_digits_model(zoo, tmp_path, capsys):
     save_state_dict(
         {"w": torch.zeros(2)}, tmp_path / "llama", config={"architectures": ["LlamaForCausalLM"]}
     )
-    with pytest.raises(RecipeError, match="not a GraftDigitsNet"):
+    with pytest.raises(RecipeError, match="config.json has no model_type; graft cannot build"):
         _eval(tmp_path / "llama", ["rot90-digit"], zoo.root, capsys)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -48,3 +49,27 @@ def tensor_progress(
             progress.update(task, advance=nbytes, done=done)
 
         yield hook
+
+
+@contextmanager
+def count_progress(
+    label: str, total: int | None, *, unit: str = "examples", enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
+    """Yields a hook ``(n_delta)`` that advances a bar of ``total`` items (examples, steps,
+    candidates), on stderr; ``total`` None shows a counter only."""
+    if not enabled:
+        yield lambda n: None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} " + unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(escape(label), total=total)
+        yield lambda n: progress.advance(task, n)

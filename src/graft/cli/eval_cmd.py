@@ -1,61 +1,111 @@
-"""``graft eval MODEL --task T``: accuracy and loss of a (merged) model on zoo tasks."""
+"""``graft eval MODEL --data FILE [--head H]``: accuracy and loss of a model on data."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from graft.cli._data_opts import (
+    BatchSizeOpt,
+    HeadOpt,
+    JsonOpt,
+    LabelColumnOpt,
+    LimitOpt,
+    MaxLengthOpt,
+    PairColumnOpt,
+    PoolingOpt,
+    QuietOpt,
+    SplitOpt,
+    TextColumnOpt,
+    ZooOpt,
+    data_options,
+)
+from graft.cli._progress import count_progress
 from graft.recipe import RecipeError
 
 
 def eval_model(
-    model: Path = typer.Argument(..., help="Model folder (a zoo checkpoint or a merge of them)."),
-    task: list[str] = typer.Option(
-        ..., "--task", help="Zoo task to evaluate on; repeat for several, or 'all'."
-    ),
-    zoo: Path = typer.Option(
-        Path("graft-demo/zoo"), help="The zoo folder (built by `graft demo`)."
-    ),
-    split: str = typer.Option("test", help="Data split: test, val or train."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    model: Annotated[
+        Path, typer.Argument(help="Model folder (HF, sentence-transformers, zoo, merge).")
+    ],
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="Labelled data (repeat for several): .csv/.tsv/.jsonl, .npz, image folder, "
+            "or task:NAME.",
+        ),
+    ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", help="Zoo task (repeat, or 'all'): shorthand for --data task:NAME."),
+    ] = None,
+    head: HeadOpt = None,
+    zoo: ZooOpt = None,
+    split: SplitOpt = "test",
+    text_column: TextColumnOpt = "text",
+    text_pair_column: PairColumnOpt = None,
+    label_column: LabelColumnOpt = "label",
+    limit: LimitOpt = None,
+    max_length: MaxLengthOpt = None,
+    pooling: PoolingOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a model on zoo tasks with each task's fine-tuned head; prints accuracy and loss."""
-    from graft.eval.evaluate import evaluate_task
-    from graft.zoo.build import ZooError, load_zoo
+    """Evaluate MODEL on labelled data with a classification head: accuracy, mean
+    cross-entropy, and the number of examples.
+
+    The head is --head, else the model's own classifier (a *ForSequenceClassification
+    folder) or its head.safetensors, else, for task:NAME data, the zoo's head of that task
+    (how merged backbones are judged: each task with its own head).
+    """
+    from graft.data import evaluate, open_model_data
 
     if split not in ("test", "val", "train"):
         raise RecipeError(f"unknown split {split!r}; valid splits: test, val, train")
-    try:
-        z = load_zoo(zoo)
-    except ZooError as e:
-        raise RecipeError(str(e)) from e
-    tasks = list(z.heads) if "all" in task else list(dict.fromkeys(task))
-    unknown = [t for t in tasks if t not in z.heads]
-    if unknown:
-        raise RecipeError(
-            f"unknown task {unknown[0]!r}; valid tasks: {', '.join(z.heads)} (or 'all')"
-        )
+    specs = list(data or []) + _task_specs(task or [], zoo)
+    if not specs:
+        raise RecipeError("nothing to evaluate on: pass --data FILE (or --task NAME)")
+    options = data_options(text_column, text_pair_column, label_column, limit)
     results = {}
-    for t in tasks:
-        try:
-            results[t] = evaluate_task(model, t, z, split=split)
-        except ValueError as e:  # not a GraftDigitsNet, or features that do not fit the head
-            raise RecipeError(str(e)) from e
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"model": str(model), "zoo": str(zoo), "split": split, "results": results}, indent=2
-            )
+    for spec in dict.fromkeys(specs):
+        runner, dataset = open_model_data(
+            model, spec, head=head, zoo=zoo, split=split, options=options,
+            pooling=pooling, max_length=max_length,
         )
+        with count_progress(f"eval {spec}", len(dataset), enabled=not quiet) as hook:
+            r = evaluate(runner, dataset, batch_size=batch_size, progress=hook)
+        results[spec] = {**r, "head": runner.head_source, "data": dataset.name}
+    if as_json:
+        doc = {"model": str(model), "split": split, "results": results}
+        typer.echo(json.dumps(doc, indent=2, allow_nan=False, default=str))
         return
-    table = Table("task", "accuracy", "loss", "n", title=f"{model} ({split} split)")
-    for t, r in results.items():
-        table.add_row(t, f"{r['accuracy']:.2%}", f"{r['loss']:.4f}", str(r["n"]))
+    table = Table("data", "accuracy", "loss", "n", title=escape(f"{model}"))
+    for spec, r in results.items():
+        table.add_row(escape(spec), f"{r['accuracy']:.2%}", f"{r['loss']:.4f}", str(r["n"]))
     if len(results) > 1:
         mean = sum(r["accuracy"] for r in results.values()) / len(results)
         table.add_row("mean", f"{mean:.2%}", "", "")
     Console().print(table)
+
+
+def _task_specs(tasks: list[str], zoo: Path | None) -> list[str]:
+    """``task:NAME`` specs; ``all`` expands to every head the zoo keeps."""
+    if "all" not in tasks:
+        return [f"task:{t}" for t in tasks]
+    from graft.data.resolve import DEFAULT_ZOOS
+    from graft.zoo.build import ZooError, zoo_tasks
+
+    root = zoo or DEFAULT_ZOOS["digits"]
+    try:
+        names = zoo_tasks(root)
+    except ZooError as e:
+        raise RecipeError(f"{e}; run `graft demo` to build the digits zoo") from None
+    return [f"task:{t}" for t in names] + [f"task:{t}" for t in tasks if t != "all"]

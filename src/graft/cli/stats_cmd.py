@@ -1,4 +1,5 @@
-"""``graft stats KIND MODEL``: the statistics pass of data-aware merges (Fisher, RegMean)."""
+"""``graft stats fisher|gram MODEL --data FILE -o STATS``: the statistics pass of the
+data-aware merges (Fisher merging, RegMean)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,93 @@ from pathlib import Path
 
 import typer
 
-from graft.eval.stats import KINDS, write_stats
+from graft.cli._data_opts import (
+    BatchSizeOpt,
+    DataOpt,
+    HeadOpt,
+    LabelColumnOpt,
+    LimitOpt,
+    MaxLengthOpt,
+    PairColumnOpt,
+    PoolingOpt,
+    QuietOpt,
+    TextColumnOpt,
+    ZooOpt,
+    data_options,
+)
+from graft.cli._progress import count_progress
+from graft.eval.stats import FISHER_TARGETS, KINDS, write_stats
 from graft.recipe import RecipeError
 
 
 def stats(
     kind: str = typer.Argument(..., help="fisher | gram"),
-    model: Path = typer.Argument(..., help="Backbone model folder (a zoo fine-tune or merge)."),
-    task: str = typer.Option(..., help="Task whose training data (and head) to use."),
+    model: Path = typer.Argument(..., help="Model folder (HF, sentence-transformers, zoo)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
-    zoo: Path = typer.Option(Path("graft-demo/zoo"), help="Zoo folder (heads, data seed)."),
-    samples: int = typer.Option(256, help="Training examples used (all when fewer)."),
+    data: DataOpt = None,
+    task: str | None = typer.Option(
+        None, "--task", help="Zoo task: shorthand for --data task:NAME (its train split)."
+    ),
+    head: HeadOpt = None,
+    zoo: ZooOpt = None,
+    split: str = typer.Option("train", "--split", help="Split of a zoo task."),
+    samples: int = typer.Option(256, "--samples", help="Examples used (all when fewer)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the example draw."),
     target: str = typer.Option(
         "label", help="Fisher only: label (empirical Fisher) or expected (model's predictions)."
     ),
     normalize: bool = typer.Option(
         True, help="Fisher only: divide by the model's mean Fisher (one factor per model)."
     ),
+    text_column: TextColumnOpt = "text",
+    text_pair_column: PairColumnOpt = None,
+    label_column: LabelColumnOpt = "label",
+    limit: LimitOpt = None,
+    max_length: MaxLengthOpt = None,
+    pooling: PoolingOpt = None,
+    batch_size: BatchSizeOpt = 32,
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    quiet: QuietOpt = False,
 ) -> None:
-    """Compute per-tensor statistics of MODEL on TASK's data for a data-aware merge.
+    """Compute per-tensor statistics of MODEL on data for a data-aware merge.
 
-    `fisher` writes the diagonal Fisher of every backbone tensor (merge_method: fisher);
-    `gram` writes XᵀX of every linear layer's inputs (merge_method: regmean). Name the
-    file in the recipe as each model's `statistics` parameter.
+    `fisher` writes the diagonal Fisher of every float tensor the model runs (merge_method:
+    fisher; needs a head and labels, or --target expected); `gram` writes XᵀX of every
+    linear layer's inputs (merge_method: regmean; labels not needed). Name the file in the
+    recipe as each model's `statistics` parameter. Use the model's own training data.
     """
+    from graft.data import open_model_data
+
     if kind not in KINDS:
         raise RecipeError(f"unknown statistic {kind!r}; valid: {', '.join(KINDS)}")
-    if not model.exists():
-        raise RecipeError(f"model {model} not found; give a backbone model folder")
+    if target not in FISHER_TARGETS:
+        raise RecipeError(f"unknown Fisher target {target!r}; valid: {', '.join(FISHER_TARGETS)}")
+    if (data is None) == (task is None):
+        raise RecipeError("give the data: --data FILE (or --task NAME for a zoo task), one of them")
+    if samples < 1:
+        raise RecipeError(f"--samples must be >= 1, got {samples}")
     if out.exists() and not force:
         raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
-    try:
+    if not model.exists():
+        raise RecipeError(f"model {model} not found; give a model folder")
+    labels = kind == "fisher" and target == "label"
+    options = data_options(
+        text_column, text_pair_column, label_column, limit, require_labels=labels
+    )
+    runner, dataset = open_model_data(
+        model,
+        data if data is not None else f"task:{task}",
+        head=head,
+        zoo=zoo,
+        split=split,
+        options=options,
+        pooling=pooling,
+        max_length=max_length,
+        need_head=kind == "fisher",
+    )
+    with count_progress(f"{kind} pass", min(samples, len(dataset)), enabled=not quiet) as hook:
         path = write_stats(
-            kind, model, task, out, zoo, samples, target=target, normalize=normalize, force=force
+            kind, runner, dataset, out, n_samples=samples, target=target, normalize=normalize,
+            seed=seed, batch_size=batch_size, force=force, progress=hook,
         )
-    except ValueError as exc:  # not a zoo model (load_backbone), bad zoo
-        if isinstance(exc, RecipeError):
-            raise
-        raise RecipeError(str(exc)) from None
-    typer.echo(f"wrote {kind} statistics of {model} on {task} to {path}")
+    typer.echo(f"wrote {kind} statistics of {model} on {dataset.name} to {path}")

@@ -216,6 +216,24 @@ def load_zoo(root: str | os.PathLike) -> Zoo:
     return zoo
 
 
+def zoo_tasks(root: str | os.PathLike) -> list[str]:
+    """The tasks a zoo (digits or text) keeps a head for, in its manifest's order.
+
+    Raises:
+        ZooError: no zoo manifest at ``root``, or it is malformed.
+    """
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise ZooError(f"no graft zoo at {root} (manifest.json missing); build it or pass --zoo")
+    try:
+        heads = json.loads(path.read_text(encoding="utf-8")).get("heads")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ZooError(f"cannot read {path}: {e}; rebuild the zoo") from None
+    if not isinstance(heads, dict) or not all(isinstance(t, str) for t in heads):
+        raise ZooError(f"{path} has no 'heads' table; rebuild the zoo")
+    return list(heads)
+
+
 def soup_head(zoo: Zoo, members: list[int] | None = None) -> nn.Linear:
     """The uniform average of the soup ingredients' heads (all of them by default).
 

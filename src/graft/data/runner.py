@@ -1,0 +1,331 @@
+"""Model runners: any model graft can run, turned into features, logits and (through
+``module``) gradients, batch by batch.
+
+Two families, one interface (`Runner`):
+
+* **transformers** — any local Hugging Face folder that ``AutoModel`` or
+  ``AutoModelForSequenceClassification`` builds from its ``config.json`` (weights read by
+  graft's own reader: safetensors, or ``.bin`` weights-only), sentence-transformers
+  folders included (``modules.json``: the Transformer module's folder, ``1_Pooling``'s
+  pooling mode; the older layout with weights in ``0_Transformer/`` too). Text is
+  tokenized with the model's own tokenizer, per batch, padded to the longest example and
+  truncated at ``max_length``; images go through the folder's image processor.
+* **digits** — graft's GraftDigitsNet backbones (the digits zoo).
+
+Heads, in order of precedence: ``head=`` (a head file, or a sequence-classification model
+folder whose classifier is run on top of *this* model's backbone — FusionBench's
+"merged backbone, each task's own head"); else the model's own classifier (a
+``*ForSequenceClassification`` checkpoint); else ``head.safetensors`` in the model folder;
+else none (features only).
+
+Features are the model's last hidden state pooled over the real (non-padding) tokens:
+``mean`` by default (or the sentence-transformers folder's own mode), ``cls`` (first
+token), ``max`` or ``last`` (last real token, for decoders). A linear head file is applied
+to features pooled as its metadata says.
+
+``names`` maps each module parameter read from the model's checkpoint to the tensor name in
+that checkpoint, so statistics (Fisher, Gram) are saved under the names the merge engine
+sees, and `Runner.logits` can run the module with replaced weights (`functional_call`):
+what AdaMerging and in-memory searches need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from graft.data.dataset import Dataset
+from graft.data.labels import DataError
+
+POOLINGS = ("mean", "cls", "max", "last")
+DEFAULT_MAX_LENGTH = 256
+
+
+@dataclass
+class Runner:
+    """A runnable model (see the module docstring).
+
+    Attributes:
+        path: the model folder the backbone weights come from.
+        kind: ``"transformers"`` or ``"digits"``.
+        module: ``module(**inputs)`` gives logits when there is a head, else features.
+        names: module parameter name -> tensor name in ``path``'s checkpoint.
+        label_names: the head's labels in id order (None: no head, or ids only).
+        num_classes: the head's outputs (None without a head).
+        num_features: width of the pooled features.
+        head_source: where the head comes from, for messages.
+        notes: what a user should know (unused tensors, missing pooler, ...).
+    """
+
+    path: Path
+    kind: str
+    module: nn.Module
+    names: dict[str, str]
+    label_names: tuple[str, ...] | None
+    num_classes: int | None
+    num_features: int
+    head_source: str = "none"
+    notes: list[str] = field(default_factory=list)
+    pooling: str = "mean"
+    max_length: int = DEFAULT_MAX_LENGTH
+    tokenizer: object | None = None
+    image_processor: object | None = None
+    input_size: int | None = None  # digits: flattened input width
+
+    @property
+    def has_head(self) -> bool:
+        return self.num_classes is not None
+
+    # -- data -------------------------------------------------------------------------
+
+    def prepare(self, data: Dataset) -> Dataset:
+        """``data`` with label ids in this runner's head order; checks the kind fits.
+
+        Raises:
+            DataError: data of a kind this model cannot take, or labels the head lacks.
+        """
+        if self.kind == "digits" and data.kind not in ("array", "image"):
+            raise DataError(
+                f"{self.path} is a digits model; it takes arrays or images, not {data.kind} "
+                f"data ({data.name})"
+            )
+        if self.kind == "transformers" and data.kind == "array":
+            raise DataError(
+                f"{self.path} is a transformers model; {data.name} holds numeric features. "
+                "Give text (CSV/JSONL with a text column), input_ids, or images"
+            )
+        if data.kind == "array" and self.input_size is not None:
+            width = math.prod(data.x.shape[1:])
+            if width != self.input_size:
+                raise DataError(
+                    f"{self.path} takes {self.input_size} input values, {data.name} has {width} "
+                    "per example; use data this model was built for"
+                )
+        if data.labels is None or not self.has_head:
+            return data
+        if self.label_names is not None:
+            if not set(data.label_names) & set(self.label_names) and _all_ints(data.label_names):
+                ids = [int(n) for n in data.label_names]
+                if min(ids) >= 0 and max(ids) < self.num_classes:
+                    # Integer labels against a head with named classes: read them as ids.
+                    labels = np.array(ids, dtype=np.int64)[data.labels]
+                    return _with_labels(data, labels, self.label_names)
+            return data.relabel(self.label_names)
+        if data.labels.max() >= self.num_classes:
+            raise DataError(
+                f"{data.name} has {data.num_classes} classes but the head ({self.head_source}) "
+                f"has {self.num_classes} outputs; evaluate with this task's head"
+            )
+        return data
+
+    def inputs(self, data: Dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The model inputs of examples ``start:stop``."""
+        if self.kind == "digits":
+            return {"x": torch.from_numpy(self._arrays(data, start, stop))}
+        if data.kind == "text":
+            pairs = data.pairs[start:stop] if data.pairs is not None else None
+            enc = self.tokenizer(
+                data.texts[start:stop],
+                pairs,
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            return dict(enc)
+        if data.kind == "tokens":
+            return {k: torch.from_numpy(v[start:stop]) for k, v in data.tokens.items()}
+        if data.kind == "image":
+            if self.image_processor is None:
+                raise DataError(
+                    f"{self.path} has no image processor (preprocessor_config.json); "
+                    "images need one"
+                )
+            from graft.io._tables import read_image
+
+            images = [read_image(p, mode="RGB") for p in data.images[start:stop]]
+            out = self.image_processor(images=images, return_tensors="pt", do_rescale=False)
+            return {"pixel_values": out["pixel_values"]}
+        raise DataError(f"{self.path} cannot take {data.kind} data ({data.name})")
+
+    def _arrays(self, data: Dataset, start: int, stop: int) -> np.ndarray:
+        if data.x is not None:
+            return data.x[start:stop]
+        from graft.io._tables import read_image
+
+        side = math.isqrt(self.input_size or 0)
+        if side * side != self.input_size:
+            raise DataError(f"{self.path} does not take square images ({self.input_size} inputs)")
+        return np.stack(
+            [read_image(p, mode="L", size=(side, side)) for p in data.images[start:stop]]
+        )[:, None]
+
+    def batches(
+        self, data: Dataset, batch_size: int, *, order: np.ndarray | None = None
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        """``(inputs, labels or None)`` per batch, in order (or in ``order``)."""
+        if order is not None:
+            data = data.subset(order)
+        for start in range(0, len(data), batch_size):
+            stop = min(start + batch_size, len(data))
+            labels = None if data.labels is None else torch.from_numpy(data.labels[start:stop])
+            yield self.inputs(data, start, stop), labels
+
+    # -- compute ----------------------------------------------------------------------
+
+    def logits(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The head's logits (B, C); ``params`` replaces weights by checkpoint name."""
+        if not self.has_head:
+            raise DataError(
+                f"{self.path} has no classification head; pass --head (a head file, or a "
+                "sequence-classification model folder)"
+            )
+        return self._call(inputs, params)
+
+    def features(
+        self, inputs: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Pooled features (B, D), without the head."""
+        return self._call(inputs, params, method="features")
+
+    def _call(self, inputs, params, method: str = "forward") -> torch.Tensor:
+        out_fn = getattr(self.module, method)
+        if not params:
+            return _to_tensor(out_fn(**inputs))
+        inverse = self._inverse()
+        mapped = {inverse[n]: t for n, t in params.items() if n in inverse}
+        if method == "forward":
+            return _to_tensor(functional_call(self.module, mapped, (), dict(inputs), strict=False))
+        view = _FeaturesView(self.module)
+        mapped = {f"m.{k}": t for k, t in mapped.items()}
+        return _to_tensor(functional_call(view, mapped, (), dict(inputs), strict=False))
+
+    def _inverse(self) -> dict[str, str]:
+        inv = getattr(self, "_inv", None)
+        if inv is None:
+            inv = {c: m for m, c in self.names.items()}
+            self._inv = inv
+        return inv
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The checkpoint-named parameters as loaded (detached)."""
+        params = dict(self.module.named_parameters())
+        return {c: params[m].detach() for m, c in self.names.items()}
+
+
+class _FeaturesView(nn.Module):
+    """``module.features`` as a module's ``forward``, so `functional_call` can run it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.m.features(**inputs)
+
+
+def _to_tensor(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _all_ints(names) -> bool:
+    try:
+        [int(n) for n in names]
+    except ValueError:
+        return False
+    return True
+
+
+def _with_labels(data: Dataset, labels: np.ndarray, names) -> Dataset:
+    from dataclasses import replace
+
+    return replace(data, labels=labels, label_names=tuple(names))
+
+
+# --- modules ---------------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Pool (B, L, D) token features over real tokens into (B, D).
+
+    Args:
+        hidden: last hidden states.
+        mask: attention mask (B, L), 1 for real tokens; None means all real.
+        mode: ``mean``, ``cls`` (first token), ``max`` or ``last`` (last real token).
+    """
+    if hidden.dim() == 2:
+        return hidden
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    if mode == "mean":
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
+    if mode == "last":
+        last = mask.long().sum(1).clamp_min(1) - 1
+        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+    raise DataError(f"unknown pooling {mode!r}; valid: {', '.join(POOLINGS)}")
+
+
+class EncoderClassifier(nn.Module):
+    """An encoder (``AutoModel``), pooling and an optional linear head."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, head: nn.Linear | None):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head = head
+
+    def features(self, **inputs) -> torch.Tensor:
+        out = self.encoder(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return pool(hidden, inputs.get("attention_mask"), self.pooling)
+
+    def forward(self, **inputs) -> torch.Tensor:
+        f = self.features(**inputs)
+        return f if self.head is None else self.head(f)
+
+
+class SequenceClassifier(nn.Module):
+    """A ``*ForSequenceClassification`` model; ``features`` pools its base model's output."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def features(self, **inputs) -> torch.Tensor:
+        out = self.model.base_model(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return pool(hidden, inputs.get("attention_mask"), self.pooling)
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+
+class DigitsClassifier(nn.Module):
+    """A GraftDigitsNet backbone and an optional linear head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)
+        return f if self.head is None else self.head(f)
