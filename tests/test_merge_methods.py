@@ -364,3 +364,85 @@ def test_lines_auto_alpha_with_inner_ties():
     # last block: 0.6 + 0.4 = 1 -> the merged delta itself
     close(lines.lines([m1, m2], base, layer=2, **kw), [2, 2, -1])
     assert lines.auto_alpha(m1 + m2, t(2, 2, -1), 2) == pytest.approx(0.6)
+
+
+def test_lines_task_arithmetic_scales_the_summed_task_vector():
+    # The paper's multi-task convention (wang-kee/LiNeS: merged_tv = Σ δᵢ, α = ‖Σδ‖₁/(T‖τ‖₁)):
+    # deltas [1, 0], [2, -1], [0, 4] -> τ = Σδ = [3, 3]; T = 3 -> α = 6 / (3 * 6) = 1/3.
+    base = t(0, 1)
+    models = [t(1, 1), t(2, 0), t(0, 5)]
+    kw = {"beta": 0.3, "num_layers": 3}
+    # first block and non-block tensors: (1/3)·[3, 3] = [1, 1] -> the plain average
+    close(lines.lines(models, base, layer=0, **kw), [1, 2], atol=1e-5)
+    close(lines.lines(models, base, layer=None, **kw), [1, 2], atol=1e-5)
+    # middle block: 1/3 + 0.3·1/2 = 0.48333 -> 1.45 on each entry
+    close(lines.lines(models, base, layer=1, **kw), [1.45, 2.45], atol=1e-5)
+    # last block: (1/3 + 0.3)·3 = 1.9. β on the mean (the old convention) would give
+    # (1 + 0.3)·[1, 1] = [1.3, 1.3] here instead.
+    close(lines.lines(models, base, layer=2, **kw), [1.9, 2.9], atol=1e-5)
+
+
+def test_lines_task_arithmetic_weights_enter_the_sum_and_normalize_is_ignored():
+    base = t(1, 1)
+    models = [t(2, 1), t(1, 3)]  # deltas [1, 0], [0, 2]
+    # weights [2, 1]: τ = 2·[1, 0] + 1·[0, 2] = [2, 2] (never divided by Σw = 3)
+    # explicit α 0.5, β 0.25, last of L = 2 blocks -> 0.75·[2, 2] = [1.5, 1.5]
+    for normalize in (True, False):
+        out = lines.lines(
+            models,
+            base,
+            weight=[2, 1],
+            alpha="0.5",
+            beta=0.25,
+            normalize=normalize,
+            layer=1,
+            num_layers=2,
+        )
+        close(out, [2.5, 2.5])
+    # α auto = ‖Σδ‖₁ / (T·‖τ‖₁) = 3 / (2·4) = 0.375; first block: 0.375·[2, 2] = [0.75, 0.75]
+    auto = lines.lines(models, base, weight=[2, 1], beta=0.25, layer=0, num_layers=2)
+    close(auto, [1.75, 1.75])
+
+
+def test_lines_old_mean_recipe_maps_to_beta_over_weight_sum():
+    # Old graft: β applied to the weighted mean m = Σwδ/Σw with α = ‖Σδ‖₁/(T‖m‖₁) = 1 here,
+    # i.e. θ₀ + (1 + β_old·l/(L−1))·m. Same model now with β = β_old / Σw.
+    base = t(0, 0, 0)
+    models = [t(1, -2, 0), t(3, 2, 4), t(2, 0, -1)]  # Σδ = [6, 0, 3], mean [2, 0, 1]
+    beta_old, r = 0.9, 1 / 2  # layer 1 of L = 3
+    old = [(1 + beta_old * r) * m for m in (2.0, 0.0, 1.0)]  # [2.9, 0, 1.45]
+    new = lines.lines(models, base, beta=beta_old / 3, layer=1, num_layers=3)
+    close(new, old, atol=1e-5)
+    # the same β as before is now T times steeper: (1/3 + 0.9·0.5)·Σδ = 0.78333·[6, 0, 3]
+    close(
+        lines.lines(models, base, beta=beta_old, layer=1, num_layers=3), [4.7, 0, 2.35], atol=1e-5
+    )
+
+
+def test_lines_inner_ties_disjoint_sum_when_not_normalized():
+    base = torch.zeros(3)
+    m1, m2 = t(1, 2, -1), t(3, -2, -1)
+    # TIES sum form (the reference's dis-sum): signs [+, + (tie), -] -> τ = [4, 2, -2]
+    # auto α = (4 + 0 + 2) / (2 · 8) = 0.375
+    kw = {"method": "ties", "beta": 0.4, "num_layers": 3, "normalize": False}
+    close(lines.lines([m1, m2], base, layer=None, **kw), [1.5, 0.75, -0.75])
+    # last block: (0.375 + 0.4)·τ = 0.775·[4, 2, -2]
+    close(lines.lines([m1, m2], base, layer=2, **kw), [3.1, 1.55, -1.55], atol=1e-6)
+
+
+def test_lines_task_arithmetic_per_tensor_alpha_equals_the_reference_global_alpha():
+    # The reference flattens the whole model and computes one α = ‖Σδ‖₁/(T‖τ‖₁) for it;
+    # for task arithmetic τ = Σδ in every tensor, so graft's per-tensor α is the same 1/T.
+    g = torch.Generator().manual_seed(0)
+    names = {"blocks.0.w": 0, "blocks.1.w": 1, "head.w": None}
+    base = {k: torch.randn(4, 3, generator=g) for k in names}
+    fts = [{k: v + torch.randn(4, 3, generator=g) for k, v in base.items()} for _ in range(3)]
+    flat_delta = torch.stack([torch.cat([ft[k] - base[k] for k in names]).flatten() for ft in fts])
+    summed = flat_delta.sum(0)
+    alpha = float(summed.abs().sum()) / (3 * float(summed.abs().sum()))
+    beta = 0.6
+    for k, layer in names.items():
+        scale = alpha if layer is None else alpha + beta * layer / (2 - 1)
+        expected = base[k] + scale * sum(ft[k] - base[k] for ft in fts)
+        out = lines.lines([ft[k] for ft in fts], base[k], beta=beta, layer=layer, num_layers=2)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
