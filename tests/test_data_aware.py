@@ -315,16 +315,21 @@ def _ada_setup(layers: int):
     return base, config, base_sd, fts, heads, inputs
 
 
-@pytest.mark.parametrize("mode", ["task", "layer"])
+@pytest.mark.parametrize("mode", ["task", "layer", "block"])
 def test_adamerging_lowers_entropy(mode):
     base, _, base_sd, fts, heads, inputs = _ada_setup(layers=2)
     res = adamerging.learn_coefficients(
         base, base_sd, fts, heads, inputs, mode=mode, steps=25, lr=0.05, batch_size=8
     )
     assert res.entropy_final < res.entropy_initial - 1e-3
-    n_groups = 1 if mode == "task" else 3
-    assert res.groups[-1] == "*" and all(len(c) == n_groups for c in res.coefficients.values())
+    if mode == "layer":  # the paper's layer-wise: one coefficient per parameter tensor
+        assert res.groups == [n for n, t in base_sd.items() if t.is_floating_point()]
+    else:
+        assert res.groups[-1] == "*"
+        assert len(res.groups) == (1 if mode == "task" else 3)
+    assert all(len(c) == len(res.groups) for c in res.coefficients.values())
     assert all(0.0 <= v <= 1.0 for c in res.coefficients.values() for v in c)
+    assert len(res.groups) == 1 or len(set(res.coefficients["a"])) > 1  # groups learn apart
 
 
 def test_block_filter_does_not_match_a_longer_index():
@@ -338,26 +343,34 @@ def test_block_filter_does_not_match_a_longer_index():
     assert at("blocks.10.fc1.weight") == 0.9 and at("blocks.11.norm.bias") == 0.9
 
 
-def test_adamerging_recipe_reproduces_the_learned_merge(tmp_path):
-    """12 blocks, so blocks.1. / blocks.10. / blocks.11. must be kept apart by the filters."""
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_adamerging_recipe_reproduces_the_learned_merge(tmp_path, mode):
+    """12 blocks, so blocks.1. / blocks.10. / blocks.11. must be kept apart by the filters
+    (and per tensor, "blocks.1.fc1.weight" is a substring of "blocks.11.fc1.weight"'s
+    neighbours only through the index, while "norm.weight" is a substring of
+    "blocks.0.norm.weight")."""
     base, config, base_sd, fts, heads, inputs = _ada_setup(layers=12)
     res = adamerging.learn_coefficients(
-        base, base_sd, fts, heads, inputs, mode="layer", steps=3, lr=0.05, batch_size=4
+        base, base_sd, fts, heads, inputs, mode=mode, steps=3, lr=0.05, batch_size=4
     )
-    # distinct coefficients per block, so a filter mix-up would show
+    # distinct coefficients per group, so a filter mix-up would show
+    g = len(res.groups)
     res.coefficients = {
-        t: [0.05 * (i + 1) + 0.01 * k for i in range(13)] for k, t in enumerate(res.coefficients)
+        t: [0.9 * (i + 1) / g + 0.001 * k for i in range(g)] for k, t in enumerate(res.coefficients)
     }
     save_state_dict(base_sd, tmp_path / "base", config=config)
     for t, sd in fts.items():
         save_state_dict(sd, tmp_path / t, config=config)
     text = adamerging.recipe_yaml(res, "base", {t: t for t in fts})
     got = _engine(text, tmp_path, "merged")
-    _, group_of = adamerging.tensor_groups(list(base_sd), "layer")
+    _, group_of = adamerging.tensor_groups(list(base_sd), mode)
     lam = torch.tensor([res.coefficients[t] for t in fts])
     deltas = [{n: sd[n] - base_sd[n] for n in base_sd} for sd in fts.values()]
     expected = adamerging.merged_params(base_sd, deltas, lam, group_of)
-    assert group_of["blocks.10.fc1.weight"] == 10 and group_of["norm.weight"] == 12
+    if mode == "block":
+        assert group_of["blocks.10.fc1.weight"] == 10 and group_of["norm.weight"] == 12
+    else:
+        assert len(set(group_of.values())) == len(base_sd) and "norm.weight" in base_sd
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], atol=1e-6, rtol=1e-5)
 

@@ -9,6 +9,7 @@ import typer
 
 from graft import __version__
 from graft.cli import (
+    adamerging_cmd,
     check_cmd,
     delta_cmds,
     demo,
@@ -18,6 +19,8 @@ from graft.cli import (
     merge,
     methods,
     rank_cmd,
+    search_cmd,
+    soup_cmd,
     stats_cmd,
 )
 from graft.cli.zoo_cmds import zoo_app
@@ -53,6 +56,9 @@ app.command("methods")(methods.methods)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_model)
 app.command("stats")(stats_cmd.stats)
+app.command("soup")(soup_cmd.soup)
+app.command("search")(search_cmd.search)
+app.command("adamerging")(adamerging_cmd.adamerging)
 app.command("check")(check_cmd.check)
 app.command("lint")(lint_cmd.lint)
 app.command("diff")(delta_cmds.diff)

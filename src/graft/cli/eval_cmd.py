@@ -59,9 +59,9 @@ def eval_model(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate MODEL on labelled data with a classification head: accuracy, mean
-    cross-entropy, and the number of examples.
+    """Accuracy and loss of MODEL on labelled data, with a classification head.
 
+    Reports accuracy, mean cross-entropy and the number of examples per data set.
     The head is --head, else the model's own classifier (a *ForSequenceClassification
     folder) or its head.safetensors, else, for task:NAME data, the zoo's head of that task
     (how merged backbones are judged: each task with its own head).
@@ -77,8 +77,14 @@ def eval_model(
     results = {}
     for spec in dict.fromkeys(specs):
         runner, dataset = open_model_data(
-            model, spec, head=head, zoo=zoo, split=split, options=options,
-            pooling=pooling, max_length=max_length,
+            model,
+            spec,
+            head=head,
+            zoo=zoo,
+            split=split,
+            options=options,
+            pooling=pooling,
+            max_length=max_length,
         )
         with count_progress(f"eval {spec}", len(dataset), enabled=not quiet) as hook:
             r = evaluate(runner, dataset, batch_size=batch_size, progress=hook)

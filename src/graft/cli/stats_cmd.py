@@ -93,7 +93,16 @@ def stats(
     )
     with count_progress(f"{kind} pass", min(samples, len(dataset)), enabled=not quiet) as hook:
         path = write_stats(
-            kind, runner, dataset, out, n_samples=samples, target=target, normalize=normalize,
-            seed=seed, batch_size=batch_size, force=force, progress=hook,
+            kind,
+            runner,
+            dataset,
+            out,
+            n_samples=samples,
+            target=target,
+            normalize=normalize,
+            seed=seed,
+            batch_size=batch_size,
+            force=force,
+            progress=hook,
         )
     typer.echo(f"wrote {kind} statistics of {model} on {dataset.name} to {path}")

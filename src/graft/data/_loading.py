@@ -229,6 +229,7 @@ def _load_transformers(
         num_classes = int(model.config.num_labels)
         label_names = _config_labels(model.config)
         head_source = str(h_path) if h_path != path else f"{path} (its own classifier)"
+        own_head = frozenset(c for m, c in names.items() if not m.startswith(f"model.{prefix}."))
         hidden = _hidden_size(model.config)
     else:
         encoder = _build(config, weights_dir, classifier=False)
@@ -246,6 +247,7 @@ def _load_transformers(
         num_classes = linear.out_features if linear is not None else None
         label_names = head_file.label_names if head_file else None
         head_source = str(head_file.path) if head_file else "none"
+        own_head = frozenset()
     module.eval()
     tokenizer = _load_tokenizer([weights_dir, path, *([head_model[0]] if head_model else [])])
     if max_length is None:
@@ -267,6 +269,8 @@ def _load_transformers(
         max_length=max_length,
         tokenizer=tokenizer,
         image_processor=_load_image_processor(weights_dir) if tokenizer is None else None,
+        prefix=prefix,
+        head_names=own_head,
     )
 
 

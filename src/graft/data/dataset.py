@@ -161,17 +161,17 @@ def read_data(
         from graft.data.zoo_tasks import zoo_task_data
 
         data = zoo_task_data(text.removeprefix("task:"), split=split, zoo=zoo)
+    elif not path.exists():
+        raise DataError(
+            f"no such data file or folder: {path}; pass a .csv/.tsv/.jsonl/.npz file, an image "
+            "folder, or task:NAME for a zoo task"
+        )
     elif path.is_dir():
         data = _read_image_folder(path)
     elif is_table_file(path):
         data = _read_table(path, opts)
     elif path.suffix.lower() in (".npz", ".npy"):
         data = _read_npz(path, opts)
-    elif not path.exists():
-        raise DataError(
-            f"no such data file or folder: {path}; pass a .csv/.tsv/.jsonl/.npz file, an image "
-            "folder, or task:NAME for a zoo task"
-        )
     else:
         raise DataError(
             f"cannot read data {path}: pass a .csv, .tsv, .jsonl or .npz file, an image "

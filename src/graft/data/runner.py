@@ -78,6 +78,8 @@ class Runner:
     tokenizer: object | None = None
     image_processor: object | None = None
     input_size: int | None = None  # digits: flattened input width
+    prefix: str | None = None  # transformers' base_model_prefix ("bert", "model", ...)
+    head_names: frozenset[str] = frozenset()  # checkpoint names of the model's own head
 
     @property
     def has_head(self) -> bool:
@@ -220,6 +222,49 @@ class Runner:
         """The checkpoint-named parameters as loaded (detached)."""
         params = dict(self.module.named_parameters())
         return {c: params[m].detach() for m, c in self.names.items()}
+
+    def bind(
+        self, state: Mapping[str, torch.Tensor], *, where: str = "the merged model"
+    ) -> dict[str, torch.Tensor]:
+        """The weights ``state`` gives this runner, keyed by the runner's checkpoint names,
+        for ``logits(inputs, params=...)``.
+
+        ``state`` is named like a checkpoint of the same family (a merge's output); each
+        name is looked up as it is, without the base-model prefix (``bert.``) or with it.
+        The model's own head may be absent from ``state`` (it then stays as loaded).
+
+        Raises:
+            DataError: a backbone weight is missing from ``state``, or has another shape.
+        """
+        out: dict[str, torch.Tensor] = {}
+        params = dict(self.module.named_parameters())
+        for module_name, name in self.names.items():
+            t = _lookup(state, name, self.prefix)
+            if t is None:
+                if name in self.head_names:
+                    continue
+                raise DataError(
+                    f"{where} has no tensor {name} (or its base-model form) that {self.path} "
+                    "runs; evaluate merges of this model's family"
+                )
+            if tuple(t.shape) != tuple(params[module_name].shape):
+                raise DataError(
+                    f"{where}: {name} has shape {tuple(t.shape)}, {self.path} needs "
+                    f"{tuple(params[module_name].shape)}"
+                )
+            out[name] = t.float() if t.is_floating_point() else t
+        return out
+
+
+def _lookup(state: Mapping[str, torch.Tensor], name: str, prefix: str | None):
+    if name in state:
+        return state[name]
+    if prefix:
+        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in state:
+            return state[name[len(prefix) + 1 :]]
+        if f"{prefix}.{name}" in state:
+            return state[f"{prefix}.{name}"]
+    return None
 
 
 class _FeaturesView(nn.Module):

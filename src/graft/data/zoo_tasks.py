@@ -29,20 +29,20 @@ def all_task_names() -> list[str]:
     return digits_task_names() + text_task_names()
 
 
-def zoo_seed(zoo: str | os.PathLike | None) -> int:
-    """The seed a zoo folder was built with (its manifest), or 0 without a zoo."""
+def zoo_manifest(zoo: str | os.PathLike | None) -> dict:
+    """A zoo folder's manifest ({} without a zoo)."""
     if zoo is None:
-        return 0
+        return {}
     manifest = Path(zoo) / "manifest.json"
     if not manifest.is_file():
-        return 0
+        return {}
     try:
-        seed = json.loads(manifest.read_text(encoding="utf-8")).get("seed", 0)
-    except (OSError, ValueError, AttributeError) as e:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot read {manifest}: {e}; rebuild the zoo") from None
-    if not isinstance(seed, int):
-        raise DataError(f"{manifest}: seed is not an integer; rebuild the zoo")
-    return seed
+    if not isinstance(doc, dict) or not isinstance(doc.get("seed", 0), int):
+        raise DataError(f"{manifest} is not a zoo manifest (no integer seed); rebuild the zoo")
+    return doc
 
 
 def zoo_task_data(
@@ -55,7 +55,8 @@ def zoo_task_data(
     """
     if split not in SPLITS and split != "pretrain":
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    seed = zoo_seed(zoo)
+    doc = zoo_manifest(zoo)
+    seed = doc.get("seed", 0)
     name = f"task {task} ({split} split)"
     if task in digits_task_names():
         from graft.zoo.tasks import TASKS, task_data
@@ -64,11 +65,12 @@ def zoo_task_data(
         names = tuple(str(i) for i in range(TASKS[task].num_classes))
         return Dataset(name, y.numpy(), names, x=X.numpy(), task=task)
     if task in text_task_names():
-        from graft.zoo.text_tasks import TEXT_TASKS, TextDataError, text_task_data
+        from graft.zoo.text_tasks import TextDataError
+        from graft.zoo.text_zoo import FULL, TEXT_ZOO_FORMAT, task_split
 
+        config = doc["build_config"] if doc.get("format") == TEXT_ZOO_FORMAT else FULL
         try:
-            texts, labels = text_task_data(task, split, seed=seed)
-        except TextDataError as e:
-            raise DataError(str(e)) from None
-        return Dataset(name, labels, TEXT_TASKS[task].label_names, texts=texts, task=task)
+            return task_split(task, split, seed, config)
+        except (TextDataError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{name}: {e}") from None
     raise DataError(f"unknown task {task!r}; valid tasks: {', '.join(all_task_names())}")

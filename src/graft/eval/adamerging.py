@@ -1,42 +1,56 @@
 """AdaMerging (Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task
 Learning", ICLR): learn the task-arithmetic coefficients by entropy minimisation.
 
-The merged backbone is ``θ = θ₀ + Σᵢ λᵢ δᵢ`` (task-wise: one ``λᵢ`` per task) or
-``θ = θ₀ + Σᵢ λᵢ,ₗ δᵢ,ₗ`` (layer-wise: one ``λᵢ,ₗ`` per task per residual block ``l``,
-plus one per task shared by every tensor outside the blocks: embeddings, final norm).
+The merged model is ``θ = θ₀ + Σᵢ λᵢ δᵢ`` (task-wise: one ``λᵢ`` per task) or, layer-wise,
+``θ = θ₀ + Σᵢ λᵢ,ₖ δᵢ,ₖ`` with one ``λᵢ,ₖ`` per task per **parameter tensor** ``k`` — the
+authors' layer-wise AdaMerging (``main_layer_wise_adamerging.py``: a ``lambdas`` matrix of
+tasks x parameter tensors). ``mode="block"`` keeps graft's earlier grouping as an option:
+one ``λᵢ,ₗ`` per residual block ``l`` plus one per task shared by every tensor outside the
+blocks (embeddings, final norm).
+
 The coefficients start at 0.3 and are learned with Adam by minimising, summed over the
-tasks, the mean Shannon entropy of task t's head on the merged features of task t's
-**unlabeled test inputs** — the paper's test-time setting: labels are never read, but
-the inputs are the ones the merged model is then scored on. Use a validation split
-instead for a clean held-out number.
+tasks, the mean Shannon entropy of task t's head on the merged model's outputs for task
+t's **unlabeled inputs** — the paper's test-time setting: labels are never read. Each task
+runs through its own `graft.data.Runner` (any Hugging Face model or digits backbone, with
+that task's head); the merged weights are swapped in with ``functional_call``, so the
+runners' own weights are never used.
 
 Conventions that change results (paper defaults where the paper gives one):
 
-* Adam, learning rate 1e-3, 500 steps, 16 inputs per task per step, drawn at random
-  with a fixed seed; coefficients clamped to ``[0, 1]`` in the forward pass, as the
-  authors' code does.
+* Adam, learning rate 1e-3, 500 steps, 16 inputs per task per step drawn at random with a
+  fixed seed; coefficients clamped to ``[0, 1]`` in the forward pass, as the authors'
+  code does.
+* Tensors whose delta is zero in every model (frozen word embeddings) get no coefficient:
+  they stay at ``θ₀`` whatever λ is. Non-float tensors are not merged.
+* A runner's own classifier (a ``*ForSequenceClassification`` head) is not merged: each
+  task keeps its head, as FusionBench keeps each task's classification head.
 * The final model is an ordinary recipe: :func:`recipe_yaml` writes ``task_arithmetic``
-  with ``lambda: 1`` and each model's ``weight`` as its learned coefficient(s) — for the
-  layer-wise form a list of ``{filter: "blocks.<l>.", value: λ}`` conditionals and a last
-  filter-less entry for the tensors outside the blocks. graft's filters are substrings of
-  the tensor name; ``"blocks.1."`` does not match ``blocks.10.*`` (the ``0`` breaks it).
+  with ``lambda: 1`` and each model's ``weight`` as its learned coefficient(s): per tensor,
+  a list of ``{filter: <tensor name>, value: λ}`` conditionals, longest names first (graft's
+  filters are substrings and the first match wins, so a name that is a substring of
+  another never takes the other's value), then a filter-less entry; per block,
+  ``{filter: "blocks.<l>.", value: λ}`` entries (``"blocks.1."`` does not match
+  ``blocks.10.*``: the ``0`` breaks it) and a last filter-less entry for the tensors
+  outside the blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.func import functional_call
 
+from graft.data.dataset import Dataset
+from graft.eval.tasks import Task
 from graft.plan.arch import split_block_name
 
-MODES = ("task", "layer")
-OUTSIDE = "*"  # group label of the tensors outside the blocks (layer-wise)
+MODES = ("task", "layer", "block")
+OUTSIDE = "*"  # group label of the tensors outside the blocks (block-wise), or all (task-wise)
 
 
 @dataclass
@@ -44,9 +58,9 @@ class AdaMergingResult:
     """Learned coefficients.
 
     Attributes:
-        mode: ``"task"`` or ``"layer"``.
-        groups: layer-wise, the block filters (``"blocks.0."``...) then ``"*"`` for the
-            tensors outside the blocks; task-wise, ``["*"]``.
+        mode: ``"task"``, ``"layer"`` (per tensor) or ``"block"``.
+        groups: per tensor, the tensor names; per block, the block filters (``"blocks.0."``
+            ...) then ``"*"`` for the tensors outside the blocks; task-wise, ``["*"]``.
         coefficients: task -> one clamped coefficient per group.
         entropy_initial / entropy_final: the summed mean entropy on all given inputs at
             the initial and the learned coefficients.
@@ -64,13 +78,16 @@ class AdaMergingResult:
 def tensor_groups(names: Sequence[str], mode: str) -> tuple[list[str], dict[str, int]]:
     """Group labels and each tensor's group index.
 
-    Layer-wise, a block tensor's group is its block filter (``prefix + index + "."``, e.g.
+    Per tensor (``"layer"``), each tensor is its own group, in the given order. Per block,
+    a block tensor's group is its block filter (``prefix + index + "."``, e.g.
     ``"blocks.3."``), sorted by index; every other tensor falls in the last group ``"*"``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "task":
         return [OUTSIDE], {n: 0 for n in names}
+    if mode == "layer":
+        return list(names), {n: i for i, n in enumerate(names)}
     filters: dict[str, int] = {}
     for n in names:
         b = split_block_name(n)
@@ -111,12 +128,10 @@ def merged_params(
     return out
 
 
-def learn_coefficients(
-    backbone: nn.Module,
+def learn(
+    tasks: Sequence[Task],
     base: Mapping[str, torch.Tensor],
-    finetuned: Mapping[str, Mapping[str, torch.Tensor]],
-    heads: Mapping[str, nn.Module],
-    inputs: Mapping[str, torch.Tensor],
+    finetuned: Sequence[Mapping[str, torch.Tensor]],
     *,
     mode: str = "layer",
     steps: int = 500,
@@ -124,63 +139,103 @@ def learn_coefficients(
     init: float = 0.3,
     batch_size: int = 16,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> AdaMergingResult:
     """Learn AdaMerging coefficients by minimising prediction entropy.
 
     Args:
-        backbone: a module of the architecture (its own weights are not used).
-        base: ``θ₀``, name -> tensor (the backbone's state-dict names).
-        finetuned: task -> fine-tuned backbone state.
-        heads: task -> that task's classification head (kept fixed).
-        inputs: task -> unlabeled inputs of that task.
-        mode: ``"task"`` or ``"layer"``.
+        tasks: one per fine-tuned model, in the same order: runner (with that task's
+            head) and unlabeled inputs.
+        base: ``θ₀`` by checkpoint tensor name.
+        finetuned: the fine-tuned states, named like ``base``.
+        mode: ``"task"``, ``"layer"`` (per tensor) or ``"block"``.
         steps: Adam steps.
         lr: Adam learning rate.
         init: initial value of every coefficient.
         batch_size: inputs per task per step.
         seed: seed of the batch draws.
+        progress: called with 1 after each step.
 
     Returns:
         The learned coefficients and the entropy before and after.
     """
-    tasks = list(finetuned)
-    names = [n for n, t in base.items() if t.is_floating_point()]
+    if len(tasks) != len(finetuned):
+        raise ValueError(f"{len(tasks)} tasks for {len(finetuned)} fine-tuned models")
+    own_heads = set().union(*(t.runner.head_names for t in tasks))
+    names = [
+        n
+        for n, t in base.items()
+        if t.is_floating_point()
+        and n not in own_heads
+        and any(not torch.equal(f[n], t) for f in finetuned)
+    ]
     groups, group_of = tensor_groups(names, mode)
-    deltas = [{n: (finetuned[t][n].float() - base[n].float()) for n in names} for t in tasks]
-    base_f = {n: (t.float() if t.is_floating_point() else t) for n, t in base.items()}
+    deltas = [{n: f[n].float() - base[n].float() for n in names} for f in finetuned]
+    base_f = {n: t.float() for n, t in base.items() if t.is_floating_point()}
     raw = torch.full((len(tasks), len(groups)), float(init), requires_grad=True)
     opt = torch.optim.Adam([raw], lr=lr)
-    for module in (backbone, *heads.values()):
-        module.eval()
-        module.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
+    for t in tasks:
+        t.runner.module.eval()
+        t.runner.module.requires_grad_(False)
+    rng = np.random.default_rng(seed)
 
-    def loss_on(lambdas: torch.Tensor, batches: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def loss_on(lambdas: torch.Tensor, batches: Sequence[Dataset]) -> torch.Tensor:
         params = merged_params(base_f, deltas, lambdas, group_of)
         total = torch.zeros(())
-        for task, x in batches.items():
-            feats = functional_call(backbone, params, (x,))
-            total = total + prediction_entropy(heads[task](feats))
+        for t, part in zip(tasks, batches, strict=True):
+            bound = t.runner.bind(params)
+            total = total + prediction_entropy(
+                t.runner.logits(t.runner.inputs(part, 0, len(part)), bound)
+            )
         return total
 
     with torch.no_grad():
-        initial = float(loss_on(raw.clamp(0, 1), inputs))
+        initial = float(loss_on(raw.clamp(0, 1), [t.data for t in tasks]))
     history = []
     for _ in range(steps):
-        batches = {
-            t: x[torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)]
-            for t, x in inputs.items()
-        }
+        batches = [
+            t.data.subset(rng.integers(len(t.data), size=min(batch_size, len(t.data))))
+            for t in tasks
+        ]
         loss = loss_on(raw.clamp(0.0, 1.0), batches)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        if progress is not None:
+            progress(1)
     lambdas = raw.detach().clamp(0.0, 1.0)
     with torch.no_grad():
-        final = float(loss_on(lambdas, inputs))
-    coefficients = {t: [float(v) for v in lambdas[i]] for i, t in enumerate(tasks)}
+        final = float(loss_on(lambdas, [t.data for t in tasks]))
+    coefficients = {t.name: [float(v) for v in lambdas[i]] for i, t in enumerate(tasks)}
     return AdaMergingResult(mode, groups, coefficients, initial, final, history)
+
+
+def learn_coefficients(
+    backbone: nn.Module,
+    base: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, Mapping[str, torch.Tensor]],
+    heads: Mapping[str, nn.Module],
+    inputs: Mapping[str, torch.Tensor],
+    **options: Any,
+) -> AdaMergingResult:
+    """:func:`learn` on in-memory digits backbones (names = the backbone's state names).
+
+    Args:
+        backbone: a module of the architecture (its own weights are not used).
+        base: ``θ₀``, name -> tensor.
+        finetuned: task -> fine-tuned backbone state.
+        heads: task -> that task's classification head (kept fixed).
+        inputs: task -> unlabeled inputs of that task.
+        **options: passed to :func:`learn`.
+    """
+    from graft.eval.stats import _array_runner
+
+    tasks = [
+        Task(t, _array_runner(backbone, heads[t]), Dataset(t, None, (), x=inputs[t].numpy()))
+        for t in finetuned
+    ]
+    return learn(tasks, base, list(finetuned.values()), **options)
 
 
 def recipe_yaml(
@@ -189,7 +244,7 @@ def recipe_yaml(
     """A ``task_arithmetic`` recipe that reproduces the learned merge with graft's engine.
 
     Args:
-        result: from :func:`learn_coefficients`.
+        result: from :func:`learn`.
         base_model: the base model's path as the recipe should name it.
         models: task -> fine-tuned model path.
         digits: decimals kept per coefficient.
@@ -199,6 +254,10 @@ def recipe_yaml(
         coefs = [round(c, digits) for c in result.coefficients[task]]
         if result.mode == "task":
             weight: Any = coefs[0]
+        elif result.mode == "layer":
+            ranked = sorted(zip(result.groups, coefs, strict=True), key=lambda gc: -len(gc[0]))
+            weight = [{"filter": g, "value": c} for g, c in ranked]
+            weight.append({"value": round(float(np.mean(coefs)), digits) if coefs else 0.0})
         else:
             weight = [
                 {"filter": g, "value": c} if g != OUTSIDE else {"value": c}
@@ -231,9 +290,9 @@ def adamerging_zoo(
     Args:
         zoo: a ``graft.zoo.build.Zoo`` (or its root folder).
         tasks: which fine-tunes to merge.
-        mode: ``"task"`` or ``"layer"``.
+        mode: ``"task"``, ``"layer"`` or ``"block"``.
         split: whose inputs (labels unused) drive the entropy; the paper's is ``"test"``.
-        **options: passed to :func:`learn_coefficients` (steps, lr, init, batch_size, seed).
+        **options: passed to :func:`learn` (steps, lr, init, batch_size, seed).
 
     Returns:
         The result and the recipe YAML (paths as stored in the zoo).

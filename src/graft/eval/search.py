@@ -19,6 +19,7 @@ What is swept (graft's grids; pass ``grid=`` to change them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,3 +208,149 @@ def search_zoo(
     result = grid_search(method, base, finetuned, score, grid=grid, params=params)
     result.recipe = recipe_yaml(result, str(zoo.base), [str(zoo.finetuned[t]) for t in tasks])
     return result
+
+
+# --- searching any recipe ----------------------------------------------------------------
+
+
+@dataclass
+class RecipeSearch:
+    """A search over recipe parameters.
+
+    Attributes:
+        grid: parameter -> the values tried.
+        rows: per candidate, ``{"params": {name: value}, "score": mean accuracy,
+            "per_task": {task: accuracy}, "seconds": s}``, in grid order.
+        best: the winning row (highest score; the first in grid order among equal ones).
+        recipe: the winning recipe's YAML.
+    """
+
+    grid: dict[str, list]
+    rows: list[dict]
+    best: dict
+    recipe: str
+
+
+def parse_param_spec(spec: str) -> tuple[str, list]:
+    """``name=start:stop:step`` (stop included) or ``name=v1,v2,...`` -> (name, values).
+
+    Raises:
+        RecipeError: malformed, an empty or huge range, or a non-positive step.
+    """
+    from graft.recipe import RecipeError
+
+    name, sep, values = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not values.strip():
+        raise RecipeError(f"--param {spec!r}: write name=start:stop:step or name=v1,v2")
+    if ":" in values:
+        parts = values.split(":")
+        try:
+            start, stop, step = (float(p) for p in parts) if len(parts) == 3 else (None,) * 3
+        except ValueError:
+            start = None
+        if start is None or not all(map(math.isfinite, (start, stop, step))) or step <= 0:
+            raise RecipeError(f"--param {spec!r}: start:stop:step needs three numbers, step > 0")
+        count = math.floor((stop - start) / step + 1e-9) + 1
+        if count < 1 or count > 10_000:
+            raise RecipeError(f"--param {spec!r} gives {max(count, 0)} values; give 1 to 10000")
+        return name, [round(start + i * step, 10) for i in range(count)]
+    out: list = []
+    for v in values.split(","):
+        v = v.strip()
+        try:
+            out.append(int(v) if v.lstrip("+-").isdigit() else float(v))
+        except ValueError:
+            out.append(v)  # a string setting, e.g. method=ties
+    return name, out
+
+
+def candidate_recipe(text: str, params: Mapping[str, Any]) -> str:
+    """The recipe with each parameter set globally and removed from every model, slice and
+    slice source (so the searched value applies everywhere)."""
+    doc = yaml.safe_load(text)
+    shared = dict(doc.get("parameters") or {})
+    shared.update(params)
+    doc["parameters"] = shared
+    for scope in _scopes(doc):
+        p = scope.get("parameters")
+        if isinstance(p, dict):
+            for name in params:
+                p.pop(name, None)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _scopes(doc: dict):
+    for m in doc.get("models") or []:
+        if isinstance(m, dict):
+            yield m
+    for sl in doc.get("slices") or []:
+        if isinstance(sl, dict):
+            yield sl
+            for src in sl.get("sources") or []:
+                if isinstance(src, dict):
+                    yield src
+
+
+def search_recipe(
+    text: str,
+    grid: Mapping[str, Sequence],
+    score: Callable[[dict[str, torch.Tensor]], tuple[float, dict[str, float]]],
+    *,
+    root=None,
+    threads: int | None = None,
+    merge: Callable | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RecipeSearch:
+    """Merge every candidate of ``grid`` (the cartesian product, in order) and score it.
+
+    Args:
+        text: the recipe YAML.
+        grid: parameter -> values.
+        score: merged state -> (mean accuracy, per task).
+        root: the recipe's folder (relative model paths).
+        threads: engine threads.
+        merge: plan -> state (default: `graft.plan.merge_in_memory`).
+        progress: called with 1 after each candidate.
+    """
+    import itertools
+    import time
+
+    from graft.plan import merge_in_memory, plan_merge
+    from graft.recipe import parse_recipe
+
+    merge = merge or (lambda plan: merge_in_memory(plan, threads=threads))
+    names = list(grid)
+    rows = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        params = dict(zip(names, values, strict=True))
+        start = time.perf_counter()
+        candidate = candidate_recipe(text, params)
+        plan = plan_merge(parse_recipe(candidate, root=root))
+        try:
+            state = merge(plan)
+        finally:
+            plan.close()
+        mean, per_task = score(state)
+        del state
+        rows.append(
+            {
+                "params": params,
+                "score": mean,
+                "per_task": per_task,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        if progress is not None:
+            progress(1)
+    best = max(rows, key=lambda r: r["score"])  # max keeps the first of equal scores
+    comment = (
+        f"# graft search: {', '.join(f'{k}={v}' for k, v in best['params'].items())} "
+        f"(mean held-out accuracy {best['score']:.4f} over {len(rows)} candidates)\n"
+    )
+    return RecipeSearch(
+        {n: list(grid[n]) for n in names},
+        rows,
+        best,
+        comment + candidate_recipe(text, best["params"]),
+    )

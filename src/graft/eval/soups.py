@@ -79,10 +79,45 @@ def uniform_soup(ingredients: Sequence[Ingredient]) -> tuple[dict, dict]:
     return average([i.backbone for i in ingredients]), average([i.head for i in ingredients])
 
 
+def greedy_order(
+    names: Sequence[str],
+    score: Callable[[Sequence[str]], float],
+    *,
+    keep_ties: bool = False,
+) -> tuple[list[str], dict[str, float], float, list[tuple[str, float, bool]]]:
+    """The greedy soup recipe over named ingredients (the algorithm, whatever a soup is).
+
+    Args:
+        names: the ingredients.
+        score: held-out accuracy of the uniform soup of the given ingredients (one name:
+            the ingredient alone).
+        keep_ties: add an ingredient when the soup's accuracy does not drop (the paper's
+            pseudo-code, ``≥``) instead of only when it strictly rises (graft's default).
+
+    Returns:
+        ``(chosen in order added, score of each ingredient alone, soup score, steps)``, a
+        step being ``(candidate, soup score with it, kept)``.
+    """
+    if not names:
+        raise ValueError("a greedy soup needs at least one ingredient")
+    alone = {n: score([n]) for n in names}
+    ranked = sorted(names, key=lambda n: alone[n], reverse=True)  # stable: ties keep order
+    chosen, best = [ranked[0]], alone[ranked[0]]
+    steps = []
+    for candidate in ranked[1:]:
+        acc = score([*chosen, candidate])
+        kept = acc >= best if keep_ties else acc > best
+        steps.append((candidate, acc, kept))
+        if kept:
+            chosen.append(candidate)
+            best = acc
+    return chosen, alone, best, steps
+
+
 def greedy_soup(
     ingredients: Sequence[Ingredient], score: Callable[[State, State], float]
 ) -> SoupResult:
-    """Greedy soup by held-out accuracy.
+    """Greedy soup of in-memory ingredients by held-out accuracy (`greedy_order`).
 
     Args:
         ingredients: the candidates.
@@ -93,22 +128,15 @@ def greedy_soup(
     """
     if not ingredients:
         raise ValueError("greedy_soup needs at least one ingredient")
-    scores = {i.name: score(i.backbone, i.head) for i in ingredients}
-    ranked = sorted(ingredients, key=lambda i: scores[i.name], reverse=True)
-    chosen = [ranked[0]]
-    best = scores[ranked[0].name]
-    steps = []
-    for candidate in ranked[1:]:
-        backbone, head = uniform_soup([*chosen, candidate])
-        acc = score(backbone, head)
-        kept = acc > best
-        steps.append((candidate.name, acc, kept))
-        if kept:
-            chosen.append(candidate)
-            best = acc
-    backbone, head = uniform_soup(chosen)
+    by_name = {i.name: i for i in ingredients}
+
+    def soup_score(members: Sequence[str]) -> float:
+        return score(*uniform_soup([by_name[m] for m in members]))
+
+    chosen, scores, best, steps = greedy_order(list(by_name), soup_score)
+    backbone, head = uniform_soup([by_name[m] for m in chosen])
     uniform_score = score(*uniform_soup(ingredients))
-    return SoupResult([i.name for i in chosen], scores, best, uniform_score, backbone, head, steps)
+    return SoupResult(chosen, scores, best, uniform_score, backbone, head, steps)
 
 
 def recipe_yaml(models: Sequence[str], *, comment: str = "") -> str:

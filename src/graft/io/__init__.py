@@ -26,6 +26,7 @@ from graft.io._readers import (
 )
 from graft.io._sample import fingerprint_nbytes, header_nbytes, read_rows
 from graft.io._sidecar import (
+    copy_sentence_transformers_files,
     copy_sidecar_files,
     copy_tokenizer,
     recipe_hash,
@@ -34,7 +35,12 @@ from graft.io._sidecar import (
 )
 from graft.io._spool import SpoolWriter
 from graft.io._sqlite import default_db_path, open_db
-from graft.io._state_dict import load_state_dict, save_state_dict, save_statistics
+from graft.io._state_dict import (
+    load_state_dict,
+    mmap_state_dict,
+    save_state_dict,
+    save_statistics,
+)
 from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, parse_size
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "TensorInfo",
     "atomic_output_dir",
     "atomic_output_file",
+    "copy_sentence_transformers_files",
     "copy_sidecar_files",
     "copy_tokenizer",
     "default_db_path",
@@ -59,6 +66,7 @@ __all__ = [
     "is_hf_cache",
     "is_model_dir",
     "load_state_dict",
+    "mmap_state_dict",
     "model_files",
     "open_adapter",
     "open_checkpoint",

@@ -74,6 +74,54 @@ def copy_tokenizer(src_root: str | os.PathLike, dst: str | os.PathLike) -> list[
     return copied
 
 
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(src_root: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy a sentence-transformers folder's own files into ``dst``: ``modules.json``, its
+    configs, and every module folder ``modules.json`` names besides the transformer's (e.g.
+    ``1_Pooling``, ``2_Normalize``), so ``SentenceTransformer(dst)`` pools and normalises
+    as the source did. Only regular files inside ``src_root`` are copied.
+
+    Returns:
+        The relative paths copied (empty for a plain transformers folder).
+
+    Raises:
+        GraftIOError: ``modules.json`` is malformed or names a path outside the folder.
+    """
+    src, out = Path(src_root), Path(dst)
+    modules = src / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        doc = json.loads(modules.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise GraftIOError(f"cannot parse {modules}: {str(e)[:120]}; fix or remove it") from None
+    if not isinstance(doc, list):
+        raise GraftIOError(f"{modules} is not a list of modules; fix or remove it")
+    copied = _copy_present(src, out, ST_FILES)
+    real_src = src.resolve()
+    for entry in doc:
+        sub = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(sub, str) or not sub or str(entry.get("type", "")).endswith("Transformer"):
+            continue
+        folder = (src / sub).resolve()
+        if not folder.is_relative_to(real_src) or folder == real_src:
+            raise GraftIOError(f"{modules} names module path {sub!r} outside {src}; fix it")
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and not f.is_symlink() and f.resolve().is_relative_to(real_src):
+                rel = f.relative_to(src / sub)
+                (out / sub / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(f, out / sub / rel)
+                except OSError as e:
+                    raise GraftIOError(f"cannot copy {f}: {e.strerror}") from e
+                copied.append(f"{sub}/{rel}")
+    return copied
+
+
 def _copy_present(src: Path, dst: Path, names: Sequence[str]) -> list[str]:
     copied = []
     for name in names:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graft.io._atomic import atomic_output_dir
 from graft.io._checkpoint import open_checkpoint
 from graft.io._errors import GraftIOError
+from graft.io._format import parse_header
 from graft.io._sidecar import copy_sidecar_files
 from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 
@@ -86,3 +88,29 @@ def save_statistics(
     os.replace(staging / dst.name, dst)
     staging.rmdir()
     return dst
+
+
+def mmap_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model (a folder of shards, or one file) as a
+    copy-on-write memory map: nothing is read until a tensor is touched, and the pages
+    it touches can be evicted again, so a model larger than memory can still be run.
+
+    Raises:
+        GraftIOError: not a safetensors model, or a corrupt file.
+    """
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        raise GraftIOError(f"{p} holds no .safetensors files to map; pass a model graft wrote")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        header = parse_header(file)
+        data = np.memmap(file, dtype=np.uint8, mode="c") if header.file_size > 8 else None
+        for located in header.tensors:
+            info = located.info
+            if info.nbytes == 0:
+                out[info.name] = torch.empty(info.shape, dtype=info.dtype)
+                continue
+            raw = torch.from_numpy(data[located.offset : located.offset + info.nbytes])
+            out[info.name] = raw.view(info.dtype).reshape(info.shape)
+    return out

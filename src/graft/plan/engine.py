@@ -121,6 +121,37 @@ def run_plan(
     return stats
 
 
+def merge_in_memory(
+    plan: MergePlan,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    strict: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Execute a plan into a dict of tensors instead of a folder: the same jobs, worker
+    and math as `run_plan`, for evaluating candidate merges (searches, soups) without
+    writing them. Holds the whole output in memory.
+
+    Returns:
+        Output tensor name -> tensor in its output dtype, on the CPU.
+    """
+    threads = threads or default_threads()
+    out = _MemoryWriter()
+    worker = _Worker(plan, out, resolve_device(device), strict)
+    run_pass(plan.jobs, worker, threads=threads, input_bytes=plan.input_bytes)
+    return out.tensors
+
+
+class _MemoryWriter:
+    """The writer interface `_Worker` needs, keeping tensors in a dict."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+
 def run_pass(
     jobs: Sequence[J],
     work: Callable[[J], int],
