@@ -571,3 +571,45 @@ def test_labels_map_through_the_head_when_the_csv_lacks_a_class(family, tmp_path
     runner = load_runner(family["topic-ft"], head=root / "topic.head.safetensors")
     data = runner.prepare(read_data(only, DataOptions()))
     assert data.label_names == ("animal", "vehicle") and set(data.labels.tolist()) == {1}
+
+
+def test_regmean_of_gpt2_conv1d_layers_solves_in_their_input_first_layout(family, tmp_path):
+    """GPT-2 stores Conv1D weights (in, out): the Gram is over their first dimension, and
+    the merge solves W* = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ without a transpose — checked on c_attn
+    (32 -> 96) and on the square attn.c_proj, where a layout mix-up would pass the shape
+    checks unseen."""
+    cfg = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2,
+                                  n_positions=64)
+    torch.manual_seed(5)
+    base = transformers.GPT2Model(cfg).eval()
+    models, grams, states = [], [], []
+    csv = family["root"] / "topic-train.csv"
+    for i in range(2):
+        g = torch.Generator().manual_seed(50 + i)
+        state = {n: t + 0.02 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                 for n, t in base.state_dict().items()}
+        path = _save_model(state, json.loads(cfg.to_json_string()) | {"architectures":
+                                                                       ["GPT2Model"]},
+                           tmp_path / f"gpt{i}")
+        stats = tmp_path / f"gpt{i}.gram.safetensors"
+        _cli("stats", "gram", path, "--data", csv, "-o", stats, "--max-length", 16, "-q")
+        with open_checkpoint(stats) as ckpt:
+            assert "h.0.attn.c_attn.weight" in json.loads(ckpt.metadata["graft_input_first"])
+        models.append({"model": str(path), "parameters": {"statistics": str(stats)}})
+        grams.append(load_state_dict(stats))
+        states.append(load_state_dict(path))
+    recipe = tmp_path / "gpt.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "regmean", "models": models,
+                                      "parameters": {"alpha": 0.9}}))
+    _cli("merge", recipe, tmp_path / "gpt-merged", "-q")
+    got = load_state_dict(tmp_path / "gpt-merged")
+    for name in ("h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight"):
+        lhs, rhs = 0, 0
+        for s, gm in zip(states, grams, strict=True):
+            gg = gm[name].double() * 0.9
+            gg.diagonal().copy_(gm[name].double().diagonal())
+            lhs, rhs = lhs + gg, rhs + gg @ s[name].double()
+        expected = torch.linalg.solve(lhs, rhs).float()
+        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5)
+    gram = grams[0]["h.0.mlp.c_fc.weight"]
+    assert gram.shape == (32, 32)  # c_fc is (32, 128): its inputs are the 32 rows

@@ -273,7 +273,12 @@ class _Worker:
         if spec.uses_layer:
             kwargs["layer"] = job.layer
             kwargs["num_layers"] = self.plan.num_layers
+        if job.transpose:
+            inputs = [t.T for t in inputs]
+            base = base.T if base is not None else None
         result = spec.fn(inputs, base, **kwargs)
+        if job.transpose:
+            result = result.T.contiguous()
         return result.to(device="cpu", dtype=job.out_dtype)
 
     def _load(self, src, dtype: torch.dtype) -> torch.Tensor:

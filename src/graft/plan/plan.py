@@ -8,6 +8,7 @@ byte of tensor data is read or anything is written, which is what ``--dry-run`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class TensorJob:
     seed: int
     copy: bool = False
     stats: tuple[Source | None, ...] = ()
+    transpose: bool = False  # stored (in, out) (GPT-2 Conv1D): the method sees (out, in)
 
 
 @dataclass
@@ -303,7 +305,9 @@ class _Planner:
         if m.base == "required" and base is None:
             raise PlanError(f"{m.name} needs base_model (tensor {out_name})")
         params = self._resolve(out_name, inputs, scopes, shared_scopes, t)
-        stats = self._stat_sources(inputs, params.pop("statistics")) if m.stats else ()
+        stats, transpose = (
+            self._stat_sources(inputs, params.pop("statistics")) if m.stats else ((), False)
+        )
         self.jobs.append(
             TensorJob(
                 name=out_name,
@@ -315,19 +319,33 @@ class _Planner:
                 layer=layer,
                 seed=tensor_seed(self.seed, out_name),
                 stats=stats,
+                transpose=transpose,
             )
         )
 
-    def _stat_sources(self, inputs: list[Source], paths: list[str]) -> tuple[Source | None, ...]:
-        """Each input's statistic for this tensor (None where the file has none)."""
+    def _stat_sources(
+        self, inputs: list[Source], paths: list[str]
+    ) -> tuple[tuple[Source | None, ...], bool]:
+        """Each input's statistic for this tensor (None where the file has none), and
+        whether the weight is stored input-first (``graft_input_first`` in the files:
+        transformers' Conv1D), so the method must see it transposed."""
         out = []
+        transpose = False
         for src, path in zip(inputs, paths, strict=True):
             ref = self._stats_file(src.model, path)
             if src.name not in self.ckpts[ref]:
                 out.append(None)
                 continue
             shape = tuple(self.ckpts[src.model].info(src.name).shape)
-            want = self.method.stats_shape(shape) if self.method.stats_shape else None
+            first = src.name in _input_first(self.ckpts[ref], path)
+            if first != transpose and out and any(o is not None for o in out):
+                raise PlanError(
+                    f"statistics files disagree on the layout of {src.name} ({path}); "
+                    "compute them all with this graft version"
+                )
+            transpose = first
+            oriented = shape[::-1] if first else shape
+            want = self.method.stats_shape(oriented) if self.method.stats_shape else None
             have = tuple(self.ckpts[ref].info(src.name).shape)
             if want is not None and have != tuple(want):
                 raise PlanError(
@@ -335,7 +353,7 @@ class _Planner:
                     f"{tuple(want)} for a tensor of shape {shape}; recompute it for {src.model}"
                 )
             out.append(Source(ref, src.name))
-        return tuple(out)
+        return tuple(out), transpose
 
     def _stats_file(self, model: ModelRef, path: str) -> ModelRef:
         """Open a statistics file (once) and check, once per model, that it describes
@@ -421,6 +439,20 @@ class _Planner:
             if job.name in seen:
                 raise PlanError(f"tensor {job.name} would be written twice; check the slices")
             seen.add(job.name)
+
+
+def _input_first(ckpt: Checkpoint, path: str) -> frozenset[str]:
+    """The tensor names a statistics file marks as stored (in, out)."""
+    raw = ckpt.metadata.get("graft_input_first")
+    if not raw:
+        return frozenset()
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PlanError(f"statistics file {path} has malformed graft_input_first metadata")
+    return frozenset(names)
 
 
 def _t(layer: int | None, num_layers: int) -> float:
