@@ -180,7 +180,9 @@ def test_check_a_tiny_transformers_classifier_on_tokenized_data(tmp_path):
     with torch.no_grad():
         expected = (old(input_ids=ids, attention_mask=mask).logits.argmax(1) == y).float().mean()
     assert r["metrics"]["old.accuracy"] == pytest.approx(float(expected))
-    assert r["label_issues"] is None and "token data" in r["label_issue_source"]
+    # Token data has label issues now: cross-validated logistic regression on OLD's features.
+    assert "logistic regression on OLD's mean-pooled features" in r["label_issue_source"]
+    assert r["label_issues"]["n_flagged"] == len(r["label_issues"]["flagged"])
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import run_cli
-from graft.find import extract_features, load_model
+from graft.data import Dataset
+from graft.find import load_model
+from graft.find.features import model_features
 from graft.io import save_state_dict
 from graft.models.digits_net import build_backbone, default_config, save_backbone, save_head
 
@@ -109,10 +111,10 @@ def test_zoo_layout_gives_the_source_head(tmp_path):
     (root / "heads").mkdir()
     save_head(nn.Linear(8, 10), root / "heads" / "rot90-digit.safetensors", task="rot90-digit")
     base, ft = load_model(root / "base"), load_model(root / "finetuned" / "rot90-digit")
-    assert base.head is not None and ft.head is not None and not base.notes
-    feats, probs = extract_features(
-        base.backbone, torch.rand(5, 1, 8, 8), head=base.head, batch_size=2
-    )
+    assert base.source_head == str(root / "base_head.safetensors") and not base.notes
+    assert ft.source_head == str(root / "heads" / "rot90-digit.safetensors")
+    inputs = Dataset("x", None, x=np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32))
+    feats, probs = model_features(base, inputs, source=True, batch_size=2)
     assert feats.shape == (5, 8) and probs.shape == (5, 10)
     assert torch.allclose(probs.sum(1), torch.ones(5))
 

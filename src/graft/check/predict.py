@@ -1,89 +1,236 @@
-"""Scores of the models `graft check` compares: graft's digits-zoo models and Hugging Face
-sequence-classification models, on a zoo task or on user data.
+"""The two models `graft check` compares, run over the same data (`graft.data`).
 
-Data (``--data``), as `graft.io.read_dataset` reads it:
+Data (``--data``): anything `graft.data.read_data` reads (CSV / TSV / JSONL text, numeric
+CSV, ``.npz`` arrays or tokens, image folders, ``task:NAME``), plus two layouts that carry
+a validation split for temperature scaling:
 
-- a ``.npz`` with inputs ``X`` (any shape (N, ...)) or ``input_ids`` (+ ``attention_mask``,
-  ``token_type_ids``) and labels ``y`` (or ``labels`` / ``label``); the same names with a
-  ``_val`` suffix give a validation split (for temperature scaling);
-- a numeric ``.csv`` with a header row: a ``label`` (or ``y``) column, the rest inputs;
-- a folder holding ``test.npz`` or ``test.csv`` and optionally ``val.npz`` / ``val.csv``.
+- a ``.npz`` whose keys with a ``_val`` suffix (``X_val``, ``input_ids_val``, ``y_val``...)
+  form the validation split;
+- a folder holding ``test.<ext>`` and optionally ``val.<ext>`` (``.npz``, ``.csv``,
+  ``.tsv``, ``.jsonl``).
+
+A zoo task's validation split is its ``val`` split; ``--val-data`` names one explicitly.
+
+Heads: ``--head`` (both models), ``--old-head`` / ``--new-head``; else, for zoo-task data
+(or ``--task``), the zoo's fine-tuned head of that task; else each model's own classifier
+or ``head.safetensors``. Labels are mapped to each head's ids through its label list
+(`Runner.prepare`); NEW's logit columns are then put in OLD's label order, so both
+models' predictions and the labels share one mapping.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from graft.io import open_checkpoint, read_dataset
+from graft.data import (
+    DataError,
+    DataOptions,
+    Dataset,
+    Runner,
+    encode_labels,
+    load_runner,
+    read_data,
+)
+from graft.data.resolve import default_zoo, zoo_head
+from graft.io import read_arrays
 from graft.recipe import RecipeError
 
-_LABEL_KEYS = ("y", "labels", "label")
+_LABEL_KEYS = ("y", "labels", "label", "targets")
 _TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+_INPUT_KEYS = ("x", "X", "inputs", "images")
+_LAYOUT_SUFFIXES = (".npz", ".csv", ".tsv", ".jsonl")
 
 
 @dataclass
-class Split:
-    """Inputs by name (``X``, or ``input_ids`` ...) and integer labels (N,)."""
+class CheckData:
+    """The checked examples and, when there is one, a validation split."""
 
-    inputs: dict[str, np.ndarray]
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
+    test: Dataset
+    val: Dataset | None = None
 
 
-@dataclass
-class Data:
-    name: str
-    test: Split
-    val: Split | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def read_data(path: str | os.PathLike) -> Data:
-    """The test (and validation) split of a data file or folder (module doc).
+def read_check_data(
+    spec: str,
+    *,
+    val_spec: str | None = None,
+    options: DataOptions | None = None,
+    zoo: str | os.PathLike | None = None,
+    with_val: bool = True,
+) -> CheckData:
+    """The test split of ``spec`` and (``with_val``) its validation split (module doc).
 
     Raises:
-        RecipeError: the labels or inputs are missing or malformed.
+        DataError: the data (or the validation data) cannot be read or used.
     """
-    splits = read_dataset(path)
-    test = _split(splits["test"], f"{path}")
-    val = _split(splits["val"], f"{path} (validation)") if "val" in splits else None
-    return Data(str(path), test, val)
+    zoo_root = default_zoo(spec, zoo)
+    path = Path(spec)
+    if path.is_dir() and _layout_file(path, "test") is not None:
+        spec = str(_layout_file(path, "test"))
+        if val_spec is None and _layout_file(path, "val") is not None:
+            val_spec = str(_layout_file(path, "val"))
+    test = read_data(spec, options, zoo=zoo_root, split="test")
+    if not with_val:
+        val = None
+    elif val_spec is not None:
+        val = read_data(val_spec, options, zoo=default_zoo(val_spec, zoo), split="val")
+    elif test.task is not None:
+        val = read_data(spec, options, zoo=zoo_root, split="val")
+    elif path.suffix.lower() == ".npz":
+        val = _npz_val(path, options or DataOptions())
+    else:
+        val = None
+    return CheckData(test, val)
 
 
-def _split(arrays: dict[str, np.ndarray], where: str) -> Split:
-    label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
+def _layout_file(folder: Path, split: str) -> Path | None:
+    return next(
+        (folder / f"{split}{s}" for s in _LAYOUT_SUFFIXES if (folder / f"{split}{s}").is_file()),
+        None,
+    )
+
+
+def _npz_val(path: Path, opts: DataOptions) -> Dataset | None:
+    """The ``_val`` keys of a ``.npz`` as a data set (None when it has none)."""
+    arrays = {k[: -len("_val")]: v for k, v in read_arrays(path).items() if k.endswith("_val")}
+    if not arrays:
+        return None
+    name = f"{path} (_val keys)"
+    label_key = next((k for k in (opts.label_column, *_LABEL_KEYS) if k in arrays), None)
     if label_key is None:
-        raise RecipeError(
-            f"{where} has no labels; name them one of {', '.join(_LABEL_KEYS)} "
-            f"(found: {', '.join(sorted(arrays)) or 'nothing'})"
+        raise DataError(f"{name} has no labels; name them y_val (or labels_val)")
+    y = np.asarray(arrays[label_key]).reshape(len(arrays[label_key]), -1)
+    if y.shape[1] != 1:
+        raise DataError(f"{name}: labels {label_key!r} must be 1-D (N,), got shape {y.shape}")
+    labels, names = encode_labels(
+        [v.item() for v in y[:, 0]], where=[f"{name} example {i}" for i in range(len(y))]
+    )
+    if "input_ids" in arrays:
+        tokens = {k: np.asarray(arrays[k]).astype(np.int64) for k in _TOKEN_KEYS if k in arrays}
+        inputs: dict = {"tokens": tokens}
+        rows = {k: len(v) for k, v in tokens.items()}
+    else:
+        key = next((k for k in _INPUT_KEYS if k in arrays), None)
+        if key is None:
+            raise DataError(f"{name} has labels but no inputs; add X_val (or input_ids_val)")
+        x = np.asarray(arrays[key], dtype=np.float32)
+        inputs, rows = {"x": x}, {key: len(x)}
+    for k, n in rows.items():
+        if n != len(labels):
+            raise DataError(f"{name}: {k} has {n} rows but there are {len(labels)} labels")
+    data = Dataset(name, labels, names, **inputs)
+    return data if opts.limit is None else data.subset(np.arange(min(opts.limit, len(data))))
+
+
+def task_head(task: str | None, zoo: str | os.PathLike | None) -> Path | None:
+    """The zoo's fine-tuned head of ``task`` (None without a task or a zoo head)."""
+    if task is None:
+        return None
+    return zoo_head(default_zoo(f"task:{task}", zoo), task)
+
+
+def load_checked(
+    model: str | os.PathLike,
+    *,
+    head: str | os.PathLike | None,
+    task: str | None,
+    zoo: str | os.PathLike | None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+) -> Runner:
+    """A model with a classification head: ``head``, else the zoo's head of ``task`` (as
+    `graft.data.open_model_data` picks it), else the model's own.
+
+    Raises:
+        DataError: the model cannot be run, or no head is found (the message says where
+            graft looked and how to give one).
+    """
+    if head is None:
+        head = task_head(task, zoo)
+    runner = load_runner(model, head=head, pooling=pooling, max_length=max_length)
+    if runner.has_head:
+        return runner
+    where = ""
+    if task is not None:
+        zoo_root = default_zoo(f"task:{task}", zoo)
+        where = f" and {zoo_root} keeps no head for task {task} (point --zoo at the zoo)"
+    raise DataError(
+        f"{model} has no classification head{where}; pass --head (a head file, or a "
+        "sequence-classification model folder whose classifier to use)"
+    )
+
+
+def fit(runner: Runner, data: Dataset) -> Dataset:
+    """``data`` with labels as ids of ``runner``'s head.
+
+    Integer labels against a head without label names are read as class ids (a zoo
+    head's ``7`` is output 7, whichever classes the data happens to hold).
+    """
+    from graft.data._loading import require_tokenizer
+
+    require_tokenizer(runner, data)
+    if (
+        runner.label_names is None
+        and data.labels is not None
+        and _ids_below(data.label_names, runner.num_classes)
+    ):
+        # `Runner.prepare` keeps the data's own ids (sorted order) here: labels {3, 7}
+        # would become outputs 0 and 1.
+        data = data.relabel([str(i) for i in range(runner.num_classes)])
+    return runner.prepare(data)
+
+
+def _ids_below(names: tuple[str, ...], n: int) -> bool:
+    try:
+        ids = [int(x) for x in names]
+    except ValueError:
+        return False
+    return all(0 <= i < n for i in ids)
+
+
+def label_order(old: Runner, new: Runner) -> tuple[np.ndarray | None, list[str]]:
+    """The column order that puts NEW's logits in OLD's label order (None: already), and
+    notes.
+
+    Raises:
+        DataError: the heads score different classes.
+    """
+    a, b = old.label_names, new.label_names
+    if old.num_classes != new.num_classes:
+        raise DataError(
+            f"OLD's head ({old.head_source}) has {old.num_classes} classes, NEW's "
+            f"({new.head_source}) {new.num_classes}; compare models with the same label set "
+            "(or pass --old-head / --new-head)"
         )
-    labels = as_labels(arrays[label_key], where)
-    if any(k in arrays for k in _TOKEN_KEYS):
-        inputs = {k: np.asarray(arrays[k]) for k in _TOKEN_KEYS if k in arrays}
-    elif "X" in arrays or "inputs" in arrays:
-        inputs = {"X": np.asarray(arrays.get("X", arrays.get("inputs")))}
-    else:  # a CSV: every other column is an input feature
-        cols = [k for k in arrays if k not in _LABEL_KEYS]
-        if not cols:
-            raise RecipeError(f"{where} has labels but no inputs; add X (or input_ids) arrays")
-        inputs = {"X": np.stack([arrays[k] for k in cols], axis=1)}
-    for k, v in inputs.items():
-        if len(v) != len(labels):
-            raise RecipeError(
-                f"{where}: {k} has {len(v)} rows but there are {len(labels)} labels; "
-                "give one label per example"
-            )
-    return Split(inputs, labels)
+    if a is None or b is None:
+        if a is None and b is None:
+            return None, []
+        unnamed = "OLD" if a is None else "NEW"
+        return None, [
+            f"{unnamed}'s head has no label names; its outputs are read in the other head's "
+            "label order"
+        ]
+    if a == b:
+        return None, []
+    if set(a) != set(b):
+        only_old = sorted(set(a) - set(b))[:5]
+        only_new = sorted(set(b) - set(a))[:5]
+        raise DataError(
+            f"OLD's head ({old.head_source}) and NEW's ({new.head_source}) have different "
+            f"labels (only OLD: {', '.join(only_old)}; only NEW: {', '.join(only_new)}); "
+            "compare models with the same label set (or pass --old-head / --new-head)"
+        )
+    index = {name: i for i, name in enumerate(b)}
+    return np.array([index[name] for name in a]), [
+        "NEW's head lists the labels in another order; its logits were reordered to OLD's"
+    ]
 
 
 def as_labels(y: np.ndarray, where: str) -> np.ndarray:
-    """Integer class labels (N,) from an array of whole numbers ≥ 0.
+    """Integer class labels (N,) from an array of whole numbers ≥ 0 (predictions files).
 
     Raises:
         RecipeError: not 1-D (or (N, 1)), empty, not whole numbers, or negative.
@@ -104,107 +251,3 @@ def as_labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.min() < 0:
         raise RecipeError(f"labels in {where} must be class indices >= 0; found {int(y.min())}")
     return y.astype(np.int64)
-
-
-# --- models -------------------------------------------------------------------------
-
-
-def model_kind(path: str | os.PathLike) -> str:
-    """``"zoo"`` for a GraftDigitsNet folder, ``"transformers"`` for any other model folder.
-
-    Raises:
-        GraftIOError: the path holds no readable checkpoint.
-        RecipeError: the checkpoint has no config.json.
-    """
-    from graft.models.digits_net import ARCHITECTURE
-
-    with open_checkpoint(path) as ckpt:
-        config = ckpt.config
-    if config is None:
-        raise RecipeError(
-            f"{path} has no config.json; pass a model folder (a graft zoo model or a "
-            "Hugging Face sequence-classification model), or use --old-preds/--new-preds"
-        )
-    return "zoo" if ARCHITECTURE in (config.get("architectures") or []) else "transformers"
-
-
-@torch.no_grad()
-def zoo_logits(model: str | os.PathLike, head: torch.nn.Linear, X: np.ndarray) -> np.ndarray:
-    """Logits (N, K) of a digits-zoo backbone with ``head`` on inputs ``X`` (N, ...).
-
-    Raises:
-        RecipeError: the model is not a GraftDigitsNet, or the inputs or head do not fit it.
-    """
-    from graft.eval.evaluate import logits
-    from graft.models.digits_net import load_backbone
-
-    try:
-        backbone, config = load_backbone(model)
-    except ValueError as e:
-        raise RecipeError(str(e)) from e
-    x = torch.as_tensor(np.asarray(X), dtype=torch.float32)
-    if x[0].numel() != config["input_size"] or config["hidden_size"] != head.in_features:
-        raise RecipeError(
-            f"{model} takes {config['input_size']} inputs and gives {config['hidden_size']} "
-            f"features; the data has {x[0].numel()} inputs per example and the head takes "
-            f"{head.in_features}: use data and a task of this model's zoo"
-        )
-    return logits(backbone, head, x).double().numpy()
-
-
-def load_transformers_classifier(path: str | os.PathLike) -> torch.nn.Module:
-    """A Hugging Face sequence-classification model built from its config.json and loaded
-    with graft's reader (safetensors, or ``.bin`` with ``weights_only``).
-
-    Raises:
-        RecipeError: transformers is missing, or the weights do not fit the config.
-    """
-    try:
-        import transformers
-    except ImportError as e:
-        raise RecipeError(
-            f"{path} is a Hugging Face model; checking it needs transformers: "
-            "pip install 'graft[hf]'"
-        ) from e
-    with open_checkpoint(path) as ckpt:
-        config = dict(ckpt.config or {})
-        state = {n: ckpt.get(n) for n in ckpt.names}
-    model_type = config.pop("model_type", None)
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **config)
-        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
-    except (ValueError, KeyError, TypeError) as e:
-        raise RecipeError(
-            f"{path} is not a sequence-classification model transformers can build "
-            f"(model_type {model_type!r}): {' '.join(str(e).split())[:200]}"
-        ) from e
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k in dict(model.named_parameters())]
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    if missing:
-        raise RecipeError(
-            f"{path} lacks {len(missing)} weights its config needs (e.g. {missing[0]}); "
-            "is it a sequence-classification checkpoint?"
-        )
-    return model.float().eval()
-
-
-@torch.no_grad()
-def transformers_logits(
-    model: torch.nn.Module, inputs: dict[str, np.ndarray], *, batch_size: int = 64
-) -> np.ndarray:
-    """Logits (N, K) of a sequence-classification model on tokenized ``inputs``."""
-    if "input_ids" not in inputs:
-        raise RecipeError(
-            "a Hugging Face model needs tokenized data: input_ids (and attention_mask) in the .npz"
-        )
-    n = len(inputs["input_ids"])
-    out = []
-    for i in range(0, n, batch_size):
-        batch = {
-            k: torch.as_tensor(np.asarray(v[i : i + batch_size]), dtype=torch.long)
-            for k, v in inputs.items()
-        }
-        out.append(model(**batch).logits.double())
-    return torch.cat(out).numpy()

@@ -5,59 +5,125 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from graft.cli._data_opts import (
+    BatchSizeOpt,
+    HeadOpt,
+    JsonOpt,
+    LabelColumnOpt,
+    LimitOpt,
+    MaxLengthOpt,
+    PairColumnOpt,
+    PoolingOpt,
+    QuietOpt,
+    TextColumnOpt,
+    ZooOpt,
+    data_options,
+)
+from graft.cli._progress import count_progress
 from graft.recipe import RecipeError
 
 
 def check(
-    old: Path | None = typer.Argument(None, help="The model in use (zoo or HF model folder)."),
-    new: Path | None = typer.Argument(None, help="The candidate replacing it."),
-    task: str | None = typer.Option(
-        None, "--task", help="Zoo task: its test split, val split for temperature, its head."
-    ),
-    data: str | None = typer.Option(
-        None,
-        "--data",
-        help="Labelled data: a zoo task name, a .npz / .csv, or a folder with test.npz "
-        "(+ val.npz). See docs/check.md.",
-    ),
-    zoo: Path = typer.Option(Path("graft-demo/zoo"), help="The zoo folder, for zoo models."),
-    old_preds: Path | None = typer.Option(
-        None, "--old-preds", help="Scores of the old model: .npz/.npy/.csv, (N, K)."
-    ),
-    new_preds: Path | None = typer.Option(None, "--new-preds", help="Scores of the new model."),
-    labels: Path | None = typer.Option(None, "--labels", help="Labels (N,) for the preds files."),
-    old_val_preds: Path | None = typer.Option(
-        None, "--old-val-preds", help="Validation scores of the old model (temperature fit)."
-    ),
-    new_val_preds: Path | None = typer.Option(None, "--new-val-preds"),
-    val_labels: Path | None = typer.Option(None, "--val-labels"),
-    scores: str = typer.Option(
-        "auto", "--scores", help="How to read preds files: auto, logits or probabilities."
-    ),
-    label_probs: Path | None = typer.Option(
-        None,
-        "--label-probs",
-        help="Out-of-sample probabilities of a third model, for label issues.",
-    ),
-    label_issues: bool = typer.Option(
-        True, "--label-issues/--no-label-issues", help="Look for likely label errors."
-    ),
-    report: Path | None = typer.Option(None, "--report", help="Write an HTML report here."),
-    fail_on: str | None = typer.Option(
-        None,
-        "--fail-on",
-        help="Exit 1 when any gate holds, e.g. 'nfr>0.02,new.ece>0.05' (names: see --json).",
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    old: Annotated[
+        Path | None,
+        typer.Argument(help="The model in use (HF, sentence-transformers or zoo folder)."),
+    ] = None,
+    new: Annotated[Path | None, typer.Argument(help="The candidate replacing it.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task", help="Zoo task: its test split (unless --data), val split and head."
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Labelled data: .csv/.tsv/.jsonl (text + label), .npz (x or input_ids + "
+            "labels; *_val keys: validation), an image folder, a folder with test.* (+ val.*), "
+            "or task:NAME. See docs/check.md.",
+        ),
+    ] = None,
+    val_data: Annotated[
+        str | None,
+        typer.Option(
+            "--val-data", help="Validation data for temperature scaling (same formats as --data)."
+        ),
+    ] = None,
+    head: HeadOpt = None,
+    old_head: Annotated[
+        Path | None, typer.Option("--old-head", help="OLD's head, when it differs from NEW's.")
+    ] = None,
+    new_head: Annotated[
+        Path | None, typer.Option("--new-head", help="NEW's head, when it differs from OLD's.")
+    ] = None,
+    zoo: ZooOpt = None,
+    text_column: TextColumnOpt = "text",
+    text_pair_column: PairColumnOpt = None,
+    label_column: LabelColumnOpt = "label",
+    limit: LimitOpt = None,
+    max_length: MaxLengthOpt = None,
+    pooling: PoolingOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    old_preds: Annotated[
+        Path | None,
+        typer.Option("--old-preds", help="Scores of the old model: .npz/.npy/.csv, (N, K)."),
+    ] = None,
+    new_preds: Annotated[
+        Path | None, typer.Option("--new-preds", help="Scores of the new model.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="Labels (N,) for the preds files.")
+    ] = None,
+    old_val_preds: Annotated[
+        Path | None,
+        typer.Option(
+            "--old-val-preds", help="Validation scores of the old model (temperature fit)."
+        ),
+    ] = None,
+    new_val_preds: Annotated[Path | None, typer.Option("--new-val-preds")] = None,
+    val_labels: Annotated[Path | None, typer.Option("--val-labels")] = None,
+    scores: Annotated[
+        str,
+        typer.Option("--scores", help="How to read preds files: auto, logits or probabilities."),
+    ] = "auto",
+    label_probs: Annotated[
+        Path | None,
+        typer.Option(
+            "--label-probs", help="Out-of-sample probabilities of a third model, for label issues."
+        ),
+    ] = None,
+    label_issues: Annotated[
+        bool, typer.Option("--label-issues/--no-label-issues", help="Look for likely label errors.")
+    ] = True,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write an HTML report here.")
+    ] = None,
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on",
+            help="Exit 1 when any gate holds, e.g. 'nfr>0.02,new.ece>0.05' (names: see --json).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Compare NEW against OLD: flips (NFR, NFI, PFR, multi-class NFR), calibration
     (accuracy, NLL, Brier, ECE, MCE, before and after temperature scaling), label issues.
+
+    Both models run on the same data with their heads (--head, --old-head/--new-head, the
+    zoo's head for task:NAME, or the model's own classifier); labels are mapped through
+    each head's label list, and NEW's outputs put in OLD's label order.
 
     Exit codes: 0 checked (and no --fail-on gate holds), 1 a --fail-on gate holds,
     2 bad input.
@@ -99,9 +165,18 @@ def check(
             new,
             task=task,
             data=data,
+            val_data=val_data,
             zoo=zoo,
+            head=head,
+            old_head=old_head,
+            new_head=new_head,
+            options=data_options(text_column, text_pair_column, label_column, limit),
+            pooling=pooling,
+            max_length=max_length,
+            batch_size=batch_size,
             label_probs=label_probs,
             find_issues=label_issues,
+            progress=partial(count_progress, enabled=not quiet),
         )
     failed = check_gates(gates, result["metrics"])
     result["fail_on"] = {"gates": [str(g) for g in gates], "failed": failed}
@@ -121,7 +196,13 @@ def check(
 
 def _print(r: dict, report: Path | None) -> None:
     console = Console()
-    console.print(f"[bold]{r['old']}[/] -> [bold]{r['new']}[/] on {r['data']} (n={r['n']})")
+    console.print(
+        f"[bold]{escape(r['old'])}[/] -> [bold]{escape(r['new'])}[/] on {escape(r['data'])} "
+        f"(n={r['n']})"
+    )
+    heads = r.get("heads")
+    if heads:
+        console.print(f"heads: old {escape(heads['old'])}, new {escape(heads['new'])}")
     table = Table(
         "metric",
         "old",
@@ -142,19 +223,26 @@ def _print(r: dict, report: Path | None) -> None:
         f"multi-class NFR {f['multiclass_nfr']:.2%}"
     )
     worst = sorted(f["per_class"], key=lambda c: -c["negative_flips"])[:3]
+    names = r.get("label_names")
     console.print(
         "most negative flips: "
-        + ", ".join(f"class {c['class']}: {c['negative_flips']} of {c['n']}" for c in worst)
+        + ", ".join(
+            f"class {escape(names[c['class']]) if names else c['class']}: "
+            f"{c['negative_flips']} of {c['n']}"
+            for c in worst
+        )
     )
     li = r.get("label_issues")
     if li:
         console.print(
-            f"label issues ({r['label_issue_source']}): {li['n_flagged']} flagged ({li['rate']:.1%}); "
+            f"label issues ({escape(r['label_issue_source'])}): {li['n_flagged']} flagged ({li['rate']:.1%}); "
             f"accuracy old {li['old']['accuracy_all']:.2%} -> {li['old']['accuracy_unflagged']:.2%}, "
             f"new {li['new']['accuracy_all']:.2%} -> {li['new']['accuracy_unflagged']:.2%} "
             "without them; indices in --json"
         )
     else:
-        console.print(f"label issues: {r.get('label_issue_source')}")
+        console.print(f"label issues: {escape(str(r.get('label_issue_source')))}")
+    for note in r.get("notes") or []:
+        console.print(f"note: {escape(note)}")
     if report is not None:
-        console.print(f"report: {report}")
+        console.print(f"report: {escape(str(report))}")

@@ -1,12 +1,47 @@
-"""Forward passes for ranking: features from a backbone and, when the model has one, its
-source head's label probabilities, in batches."""
+"""Forward passes for ranking: a model's pooled features and, when it has a source head,
+its source-label probabilities, in batches."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from graft.data import Dataset, features, predict
+
+if TYPE_CHECKING:
+    from graft.find.rank import RankModel
+
+
+def model_features(
+    model: RankModel,
+    data: Dataset,
+    *,
+    source: bool,
+    batch_size: int = 256,
+    hook: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of ``model`` on ``data`` and (``source`` and a source head) the softmax of
+    its head's logits.
+
+    Args:
+        model: from `graft.find.load_model`.
+        data: inputs the model takes (labels are not used).
+        source: compute source-label probabilities too (LEEP, NCE).
+        batch_size: examples per forward pass.
+        hook: called with the number of examples done after each batch, per pass.
+
+    Returns:
+        ``(features (N, D) float32, source probabilities (N, Z) float32 or None)``; the
+        head's label space is the model's own, whatever the data's labels are.
+    """
+    feats = features(model.runner, data, batch_size=batch_size, progress=hook)
+    if not (source and model.runner.has_head):
+        return feats, None
+    logits = predict(model.runner, data, batch_size=batch_size, progress=hook)
+    return feats, torch.softmax(torch.from_numpy(logits), dim=1).float()
 
 
 @torch.no_grad()
@@ -18,7 +53,8 @@ def extract_features(
     batch_size: int = 256,
     hook: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``backbone(inputs)`` in eval mode, batch by batch, and ``softmax(head(features))``.
+    """``backbone(inputs)`` in eval mode, batch by batch, and ``softmax(head(features))``:
+    the same passes for a backbone and head already in memory as modules.
 
     Args:
         backbone: maps a batch of inputs to ``(B, D)`` features.
