@@ -163,3 +163,23 @@ def test_zoo_task_spec_reads_a_digits_split():
     assert d.label_names == tuple(str(i) for i in range(10))
     with pytest.raises(DataError, match="unknown task 'nope'"):
         read_data("task:nope")
+
+
+def test_whole_number_labels_are_the_head_outputs_when_the_head_has_no_names(tmp_path):
+    """Labels {3, 7, 9} of an .npz are outputs 3, 7 and 9 of a 10-way head without label
+    names (the digits zoo's heads), not 0, 1 and 2 (their sorted order)."""
+    import torch
+
+    from graft.data import load_runner
+    from graft.models.digits_net import build_backbone, default_config, save_backbone, save_head
+
+    config = default_config(hidden_size=4, intermediate_size=8, num_hidden_layers=1)
+    save_backbone(build_backbone(config), config, tmp_path / "m")
+    save_head(torch.nn.Linear(4, 10), tmp_path / "h.safetensors", task="t")
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 64)), y=np.array([9, 3, 7]))
+    runner = load_runner(tmp_path / "m", head=tmp_path / "h.safetensors")
+    data = runner.prepare(read_data(tmp_path / "d.npz"))
+    assert data.labels.tolist() == [9, 3, 7] and data.label_names == tuple(map(str, range(10)))
+    np.savez(tmp_path / "e.npz", x=np.zeros((1, 64)), y=np.array([12]))
+    with pytest.raises(DataError, match="label 12, outside the head's 10 outputs"):
+        runner.prepare(read_data(tmp_path / "e.npz"))

@@ -163,32 +163,6 @@ def load_checked(
     )
 
 
-def fit(runner: Runner, data: Dataset) -> Dataset:
-    """``data`` with labels as ids of ``runner``'s head.
-
-    Integer labels against a head without label names are read as class ids (a zoo
-    head's ``7`` is output 7, whichever classes the data happens to hold).
-    """
-    from graft.data._loading import require_tokenizer
-
-    require_tokenizer(runner, data)
-    if (
-        runner.label_names is None
-        and data.labels is not None
-        and _ids_below(data.label_names, runner.num_classes)
-    ):
-        # `Runner.prepare` keeps the data's own ids (sorted order) here: labels {3, 7}
-        # would become outputs 0 and 1.
-        data = data.relabel([str(i) for i in range(runner.num_classes)])
-    return runner.prepare(data)
-
-
-def _ids_below(names: tuple[str, ...], n: int) -> bool:
-    try:
-        ids = [int(x) for x in names]
-    except ValueError:
-        return False
-    return all(0 <= i < n for i in ids)
 
 
 def label_order(old: Runner, new: Runner) -> tuple[np.ndarray | None, list[str]]:

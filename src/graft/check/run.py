@@ -32,7 +32,6 @@ from graft.check.labels import cross_val_probs
 from graft.check.predict import (
     CheckData,
     as_labels,
-    fit,
     label_order,
     load_checked,
     read_check_data,
@@ -158,7 +157,7 @@ def _scores(
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Labels (in OLD's ids, or NEW's when only NEW names its labels) and both models'
     logits with NEW's columns in that order."""
-    fitted = [fit(r, data) for r in runners]
+    fitted = [r.prepare(data) for r in runners]
     ref = 0 if runners[0].label_names is not None or runners[1].label_names is None else 1
     old, new = (
         predict(r, f, batch_size=batch_size, progress=hook)
@@ -293,6 +292,6 @@ def measure_accuracy(
         data = f"task:{task}"
     test = read_check_data(str(data), zoo=zoo, with_val=False).test
     runner = load_checked(model, head=None, task=task or test.task, zoo=zoo)
-    test = fit(runner, test)
+    test = runner.prepare(test)
     right = predict(runner, test).argmax(1) == test.labels
     return {"accuracy": float(right.mean()), "n": len(right), "data": test.name}

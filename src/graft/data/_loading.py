@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.data.dataset import Dataset
 from graft.data.heads import HEAD_FILE, HeadFile, load_head_file
 from graft.data.labels import DataError
 from graft.data.runner import (
@@ -430,12 +429,3 @@ def _load_image_processor(folder: Path):
         return tf.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise DataError(f"cannot load the image processor in {folder}: {str(e)[:160]}") from None
-
-
-def require_tokenizer(runner: Runner, data: Dataset) -> None:
-    """Fail early, with the fix, when text data meets a model folder without a tokenizer."""
-    if runner.kind == "transformers" and data.kind == "text" and runner.tokenizer is None:
-        raise DataError(
-            f"{runner.path} has no tokenizer files (tokenizer.json, vocab.txt...); copy the "
-            "base model's tokenizer into it"
-        )

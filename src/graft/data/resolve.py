@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from graft.data._loading import load_runner, require_tokenizer
+from graft.data._loading import load_runner
 from graft.data.dataset import DataOptions, Dataset, read_data
 from graft.data.labels import DataError
 from graft.data.runner import Runner
@@ -96,6 +96,5 @@ def open_model_data(
             "sequence-classification model folder whose classifier to use)"
         )
     if dataset is not None:
-        require_tokenizer(runner, dataset)
         dataset = runner.prepare(dataset)
     return runner, dataset

@@ -87,11 +87,13 @@ class Runner:
 
     # -- data -------------------------------------------------------------------------
 
-    def prepare(self, data: Dataset) -> Dataset:
-        """``data`` with label ids in this runner's head order; checks the kind fits.
+    def check(self, data: Dataset) -> None:
+        """Fail early, with the fix, when ``data`` is of a kind this model cannot take
+        (text for a digits model, features for a transformer, text without a tokenizer,
+        inputs of the wrong width). Labels are not looked at.
 
         Raises:
-            DataError: data of a kind this model cannot take, or labels the head lacks.
+            DataError: the data does not fit the model.
         """
         if self.kind == "digits" and data.kind not in ("array", "image"):
             raise DataError(
@@ -103,6 +105,11 @@ class Runner:
                 f"{self.path} is a transformers model; {data.name} holds numeric features. "
                 "Give text (CSV/JSONL with a text column), input_ids, or images"
             )
+        if self.kind == "transformers" and data.kind == "text" and self.tokenizer is None:
+            raise DataError(
+                f"{self.path} has no tokenizer files (tokenizer.json, vocab.txt...); copy the "
+                "base model's tokenizer into it"
+            )
         if data.kind == "array" and self.input_size is not None:
             width = math.prod(data.x.shape[1:])
             if width != self.input_size:
@@ -110,22 +117,45 @@ class Runner:
                     f"{self.path} takes {self.input_size} input values, {data.name} has {width} "
                     "per example; use data this model was built for"
                 )
+
+    def prepare(self, data: Dataset) -> Dataset:
+        """``data`` checked (`check`) and with label ids in this runner's head order.
+
+        A head with named classes maps labels by name (integer labels none of whose names
+        the head has are read as ids). A head without names (ids only) reads whole-number
+        labels as the ids themselves — labels {3, 7} are classes 3 and 7, not 0 and 1 —
+        and any other labels in their sorted order.
+
+        Raises:
+            DataError: data of a kind this model cannot take, or labels the head lacks.
+        """
+        self.check(data)
         if data.labels is None or not self.has_head:
             return data
+        as_ids = _all_ints(data.label_names)
         if self.label_names is not None:
-            if not set(data.label_names) & set(self.label_names) and _all_ints(data.label_names):
-                ids = [int(n) for n in data.label_names]
-                if min(ids) >= 0 and max(ids) < self.num_classes:
-                    # Integer labels against a head with named classes: read them as ids.
-                    labels = np.array(ids, dtype=np.int64)[data.labels]
-                    return _with_labels(data, labels, self.label_names)
+            if not set(data.label_names) & set(self.label_names) and as_ids:
+                return self._as_ids(data, self.label_names)
             return data.relabel(self.label_names)
-        if data.labels.max() >= self.num_classes:
+        if as_ids:
+            return self._as_ids(data, tuple(str(i) for i in range(self.num_classes)))
+        if data.num_classes > self.num_classes:
             raise DataError(
                 f"{data.name} has {data.num_classes} classes but the head ({self.head_source}) "
                 f"has {self.num_classes} outputs; evaluate with this task's head"
             )
         return data
+
+    def _as_ids(self, data: Dataset, names: tuple[str, ...]) -> Dataset:
+        """Whole-number labels read as the head's output indices."""
+        ids = np.array([int(n) for n in data.label_names], dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.num_classes:
+            raise DataError(
+                f"{data.name} has label {int(ids.max() if ids.max() >= 0 else ids.min())}, "
+                f"outside the head's {self.num_classes} outputs ({self.head_source}); "
+                "evaluate with this task's head"
+            )
+        return _with_labels(data, ids[data.labels], names)
 
     def inputs(self, data: Dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
         """The model inputs of examples ``start:stop``."""

@@ -311,13 +311,8 @@ def _check_fits(m: RankModel, data: Dataset) -> None:
                 f"per input (shape {tuple(data.x.shape[1:])}); rank models on data they were "
                 "built for"
             )
-    if runner.kind == "transformers" and data.kind == "text" and runner.tokenizer is None:
-        raise RankError(
-            f"{m.path} has no tokenizer files (tokenizer.json, vocab.txt...); copy the base "
-            "model's tokenizer into it"
-        )
     try:
-        runner.prepare(data)
+        runner.check(data)
     except DataError as e:
         raise RankError(str(e)) from None
 
