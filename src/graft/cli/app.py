@@ -23,6 +23,8 @@ from graft.cli import (
     soup_cmd,
     stats_cmd,
 )
+from graft.cli.zoo_build_cmd import build as zoo_build
+from graft.cli.zoo_build_cmd import fetch_data as zoo_fetch_data
 from graft.cli.zoo_cmds import zoo_app
 from graft.io import GraftIOError
 from graft.recipe import RecipeError
@@ -67,6 +69,8 @@ app.command("transfer")(delta_cmds.transfer)
 app.command("compress")(delta_cmds.compress)
 app.command("extract-lora")(delta_cmds.extract_lora)
 app.command("merge-lora")(delta_cmds.merge_lora)
+zoo_app.command("build")(zoo_build)
+zoo_app.command("fetch-data")(zoo_fetch_data)
 app.add_typer(zoo_app, name="zoo")
 app.command("rank")(rank_cmd.rank)
 app.command("demo")(demo.demo)

@@ -15,14 +15,14 @@ Recipe (all from ``seed``; deterministic for a given thread count):
 
 1. Probe per task: mean-pooled features of the frozen base on the task's train split, a
    linear head fitted by full-batch Adam (`graft.data.train.linear_probe`).
-2. Fine-tune per task: the whole encoder except the word embeddings (kept frozen: a third
-   of the parameters, and the cheapest to leave out on two cores) trained with the probe
-   head **frozen**, as task arithmetic's fine-tunes keep their zero-shot heads frozen
-   (Ilharco et al. 2023; FusionBench's CLIP models): every task-specific change is in the
-   encoder, so a merged encoder is judged with each task's own head, and "the base with
-   the fine-tuned heads" is exactly the probe row.
-3. Report on the test split: probe (base + head), fine-tuned, and the uniform average of
-   the fine-tuned encoders, each task with its own head.
+2. Fine-tune per task (LP-FT, Kumar et al. 2022): the head starts from the probe and is
+   trained with the whole encoder except the word embeddings (kept frozen: a third of the
+   parameters, the cheapest to leave out on two cores). AdamW, linear warm-up and decay.
+   ``heads/<task>`` is the fine-tuned head, ``probe_heads/<task>`` the probe: a merged
+   encoder is judged with each task's fine-tuned head, as FusionBench keeps each task's
+   classification head apart from the merged backbone.
+3. Report on the test split: probe (base + probe head), fine-tuned, and the uniform average
+   of the fine-tuned encoders (each task with its fine-tuned head).
 
 Bars (checked unless ``quick``; `ZooQualityError` otherwise): averaged over tasks, the
 fine-tunes beat the probes by >= 8 points, and the uniform average loses >= 3 points
@@ -55,7 +55,7 @@ from graft.zoo.build import ZooError, ZooQualityError
 from graft.zoo.text_tasks import SPLIT_SIZES, TEXT_TASKS, text_task_data
 
 TEXT_ZOO_FORMAT = "graft-text-zoo"
-TEXT_ZOO_VERSION = 1  # bump when training code changes what a config builds
+TEXT_ZOO_VERSION = 2  # bump when training code changes what a config builds
 MIN_GAIN_OVER_PROBE = 8.0  # accuracy points
 MIN_AVERAGE_LOSS = 3.0  # accuracy points
 
@@ -67,11 +67,12 @@ class TextZooConfig:
     tasks: tuple[str, ...] = tuple(TEXT_TASKS)
     steps: int = 200
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 2e-4
     max_length: int = 64
     probe_steps: int = 300
     probe_lr: float = 1e-2
     freeze_word_embeddings: bool = True
+    train_head: bool = True
     train_size: int = SPLIT_SIZES["train"]
     val_size: int = SPLIT_SIZES["val"]
     test_size: int = SPLIT_SIZES["test"]
@@ -134,8 +135,12 @@ def base_model_path() -> Path:
 
 def config_hash(config: TextZooConfig, seed: int) -> str:
     text = json.dumps(
-        {"format": TEXT_ZOO_FORMAT, "version": TEXT_ZOO_VERSION, "seed": seed,
-         "config": asdict(config)},
+        {
+            "format": TEXT_ZOO_FORMAT,
+            "version": TEXT_ZOO_VERSION,
+            "seed": seed,
+            "config": asdict(config),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -199,8 +204,9 @@ def load_text_zoo(root: str | os.PathLike) -> TextZoo:
         report=doc["report"],
         config=doc["build_config"],
     )
-    missing = [p for p in [zoo.base, *zoo.finetuned.values()]
-               if not (p / "model.safetensors").is_file()]
+    missing = [
+        p for p in [zoo.base, *zoo.finetuned.values()] if not (p / "model.safetensors").is_file()
+    ]
     missing += [p for p in [*zoo.heads.values(), *zoo.probe_heads.values()] if not p.is_file()]
     if missing:
         raise ZooError(f"text zoo {root} is incomplete ({missing[0]} missing); rebuild it")
@@ -209,12 +215,14 @@ def load_text_zoo(root: str | os.PathLike) -> TextZoo:
 
 def task_split(task: str, split: str, seed: int, cfg: TextZooConfig | dict) -> Dataset:
     """One split of a text task, cut with the zoo's caps."""
-    sizes = cfg.sizes if isinstance(cfg, TextZooConfig) else {
-        "train": cfg["train_size"], "val": cfg["val_size"], "test": cfg["test_size"]}
+    sizes = (
+        cfg.sizes
+        if isinstance(cfg, TextZooConfig)
+        else {"train": cfg["train_size"], "val": cfg["val_size"], "test": cfg["test_size"]}
+    )
     texts, labels = text_task_data(task, split, seed=seed, sizes=sizes)
     spec = TEXT_TASKS[task]
-    return Dataset(f"task {task} ({split} split)", labels, spec.label_names, texts=texts,
-                   task=task)
+    return Dataset(f"task {task} ({split} split)", labels, spec.label_names, texts=texts, task=task)
 
 
 def _build(tmp: Path, cfg: TextZooConfig, seed: int, log: Callable[[str], None]) -> dict:
@@ -230,7 +238,9 @@ def _build(tmp: Path, cfg: TextZooConfig, seed: int, log: Callable[[str], None])
         "tasks": {t: TEXT_TASKS[t].description for t in cfg.tasks},
         "licenses": {t: f"{TEXT_TASKS[t].source}: {TEXT_TASKS[t].license}" for t in cfg.tasks},
         "base": {"path": "base", "sha256": _sha256(base_dir / "model.safetensors")},
-        "finetuned": {}, "heads": {}, "probe_heads": {},
+        "finetuned": {},
+        "heads": {},
+        "probe_heads": {},
     }
     base_state = load_state_dict(base_dir)
     rows = {}
@@ -240,31 +250,48 @@ def _build(tmp: Path, cfg: TextZooConfig, seed: int, log: Callable[[str], None])
         test = task_split(task, "test", seed, cfg)
         runner = load_runner(base_dir, pooling="mean", max_length=cfg.max_length)
         head = linear_probe(
-            features(runner, train, batch_size=64), train.labels, len(train.label_names),
-            steps=cfg.probe_steps, lr=cfg.probe_lr,
+            features(runner, train, batch_size=64),
+            train.labels,
+            len(train.label_names),
+            steps=cfg.probe_steps,
+            lr=cfg.probe_lr,
         )
         fingerprint = _fingerprint(base_dir)
-        for kind in ("heads", "probe_heads"):
-            rel = f"{kind}/{task}.safetensors"
-            save_head_file(head, tmp / rel, task=task, label_names=train.label_names,
-                           pooling="mean", max_length=cfg.max_length,
-                           model_fingerprint=fingerprint)
-            doc[kind][task] = rel
-        runner = load_runner(base_dir, head=tmp / f"heads/{task}.safetensors")
+        probe_rel, head_rel = f"probe_heads/{task}.safetensors", f"heads/{task}.safetensors"
+        meta = dict(
+            task=task, label_names=train.label_names, pooling="mean", max_length=cfg.max_length
+        )
+        save_head_file(head, tmp / probe_rel, model_fingerprint=fingerprint, **meta)
+        runner = load_runner(base_dir, head=tmp / probe_rel)
         probe = evaluate(runner, test, batch_size=64)
-        finetune(runner, train, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                 seed=seed * 1000 + k + 1, trainable=_trainable(cfg))
+        finetune(
+            runner,
+            train,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            seed=seed * 1000 + k + 1,
+            trainable=_trainable(cfg),
+        )
         rel = f"finetuned/{task}"
         _copy_model(src, tmp / rel, trained_state(runner, base_state))
         doc["finetuned"][task] = {"path": rel, "sha256": _sha256(tmp / rel / "model.safetensors")}
+        save_head_file(
+            runner.module.head, tmp / head_rel, model_fingerprint=_fingerprint(tmp / rel), **meta
+        )
+        doc["probe_heads"][task], doc["heads"][task] = probe_rel, head_rel
         rows[task] = {"probe": probe, "finetuned": evaluate(runner, test, batch_size=64)}
-        log(f"{task}: probe {probe['accuracy']:.1%} -> fine-tuned "
-            f"{rows[task]['finetuned']['accuracy']:.1%} ({time.perf_counter() - t0:.0f}s)")
+        log(
+            f"{task}: probe {probe['accuracy']:.1%} -> fine-tuned "
+            f"{rows[task]['finetuned']['accuracy']:.1%} ({time.perf_counter() - t0:.0f}s)"
+        )
     average = _average([load_state_dict(tmp / doc["finetuned"][t]["path"]) for t in cfg.tasks])
     for task in cfg.tasks:
         runner = load_runner(base_dir, head=tmp / doc["heads"][task])
         rows[task]["average_merge"] = evaluate(
-            runner, task_split(task, "test", seed, cfg), batch_size=64,
+            runner,
+            task_split(task, "test", seed, cfg),
+            batch_size=64,
             params=runner.bind(average),
         )
     doc["report"] = _summary(rows)
@@ -274,7 +301,7 @@ def _build(tmp: Path, cfg: TextZooConfig, seed: int, log: Callable[[str], None])
 def _trainable(cfg: TextZooConfig) -> Callable[[str], bool]:
     def trainable(name: str) -> bool:
         if name.startswith("head."):
-            return False  # the probe head stays frozen (module docstring)
+            return cfg.train_head
         return not (cfg.freeze_word_embeddings and name.endswith("word_embeddings.weight"))
 
     return trainable
@@ -313,14 +340,19 @@ def _summary(tasks: dict) -> dict:
 def _check_bars(report: dict, *, enforce: bool, log: Callable[[str], None]) -> None:
     gain, loss = report["finetuned_minus_probe_points"], report["finetuned_minus_average_points"]
     ok = gain >= MIN_GAIN_OVER_PROBE and loss >= MIN_AVERAGE_LOSS
-    report["bars"] = {"min_gain_over_probe_points": MIN_GAIN_OVER_PROBE,
-                      "min_average_loss_points": MIN_AVERAGE_LOSS, "passed": ok,
-                      "enforced": enforce}
+    report["bars"] = {
+        "min_gain_over_probe_points": MIN_GAIN_OVER_PROBE,
+        "min_average_loss_points": MIN_AVERAGE_LOSS,
+        "passed": ok,
+        "enforced": enforce,
+    }
     m = report["mean_accuracy"]
-    log(f"mean test accuracy: probe {m['probe']:.1%}, fine-tuned {m['finetuned']:.1%}, average "
+    log(
+        f"mean test accuracy: probe {m['probe']:.1%}, fine-tuned {m['finetuned']:.1%}, average "
         f"merge {m['average_merge']:.1%}; fine-tuned - probe = {gain:.1f} points (bar "
         f"{MIN_GAIN_OVER_PROBE:g}), fine-tuned - average = {loss:.1f} points (bar "
-        f"{MIN_AVERAGE_LOSS:g}): {'bars met' if ok else 'BARS MISSED'}")
+        f"{MIN_AVERAGE_LOSS:g}): {'bars met' if ok else 'BARS MISSED'}"
+    )
     if enforce and not ok:
         raise ZooQualityError(
             f"text zoo misses its bars: fine-tuned beats probe by {gain:.1f} points (need "

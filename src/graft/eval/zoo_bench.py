@@ -1,0 +1,433 @@
+"""Every merge method on a zoo of fine-tunes with per-task heads, FusionBench-style: the
+merged backbone is judged with each task's own head on each task's test split.
+
+Any zoo whose models graft can run works (the text zoo's MiniLM, a digits zoo, a user's
+own family): a base, one fine-tune per task, one head per task, and each task's splits.
+Every merge is a recipe run by graft's planner and engine — the same jobs and math as
+``graft merge`` — into memory (`graft.plan.merge_in_memory`) rather than into a folder.
+
+Choices, in the order rows are made (hyperparameters are picked on the **validation**
+split, every reported number is on the **test** split):
+
+* references: the base with each task's head ("pretrained + heads"; with frozen-head
+  fine-tunes, the linear probe) and each fine-tune on its own task;
+* searched on validation (``val_limit`` examples per task): task arithmetic ``lambda``
+  (sum form), TIES ``lambda`` at density 0.2 (mean form, graft's default), LiNeS ``beta``
+  (inner task arithmetic, ``alpha: auto``);
+* the DARE / breadcrumbs / DELLA variants reuse their family's λ at density 0.5 (DELLA
+  ε 0.1, breadcrumbs γ 0.01); linear (simple average), Model Stock and multi-SLERP have
+  nothing to tune;
+* data-aware: Fisher (empirical, normalised per model) and RegMean (α 0.9) from
+  ``stats_samples`` training examples per task; AdaMerging task-wise and layer-wise (one
+  coefficient per tensor) by entropy on the unlabeled **test** inputs, the paper's
+  test-time setting.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from graft.data import Dataset, evaluate, load_runner
+from graft.eval.tasks import Task, score
+from graft.io import load_state_dict
+
+SEARCH_GRIDS = {
+    "task_arithmetic": ("lambda", [round(0.1 * i, 2) for i in range(1, 11)]),
+    "ties": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
+    "lines": ("beta", [round(0.1 * i, 2) for i in range(0, 11)]),
+}
+SEARCH_PARAMS: dict[str, tuple[dict, dict]] = {  # method -> (per model, shared)
+    "task_arithmetic": ({"weight": 1.0}, {"normalize": False}),
+    "ties": ({"weight": 1.0, "density": 0.2}, {}),
+    "lines": ({"weight": 1.0}, {"alpha": "auto", "method": "task_arithmetic"}),
+}
+FAMILY = {
+    "dare_linear": ("task_arithmetic", {"density": 0.5}),
+    "dare_ties": ("ties", {"density": 0.5}),
+    "breadcrumbs": ("task_arithmetic", {"density": 0.5, "gamma": 0.01}),
+    "breadcrumbs_ties": ("ties", {"density": 0.5, "gamma": 0.01}),
+    "della_linear": ("task_arithmetic", {"density": 0.5, "epsilon": 0.1}),
+    "della": ("ties", {"density": 0.5, "epsilon": 0.1}),
+}
+NOT_APPLICABLE = {
+    "slerp": "interpolates exactly two models",
+    "nuslerp": "interpolates exactly two models",
+    "passthrough": "stacks layers (depth up-scaling); nothing to average",
+}
+
+
+@dataclass(frozen=True)
+class BenchZoo:
+    """What the benchmark needs of a zoo: models, heads, and a split reader."""
+
+    name: str
+    base: Path
+    finetuned: dict[str, Path]
+    heads: dict[str, Path]
+    split: Callable[[str, str], Dataset]  # (task, split) -> data
+    probe_heads: dict[str, Path] | None = None  # linear probes of the frozen base, if any
+    train_dir: Path | None = None  # where statistics files go (default: a temp folder)
+
+
+@dataclass
+class Row:
+    """One line of the table: test accuracy per task."""
+
+    method: str
+    kind: str  # reference | data-free | data-aware
+    accuracy: dict[str, float]
+    settings: str = ""
+    seconds: float = 0.0
+    val_score: float | None = None
+
+    def mean(self) -> float:
+        return float(np.mean(list(self.accuracy.values())))
+
+
+@dataclass
+class BenchResult:
+    zoo: str
+    tasks: list[str]
+    rows: list[Row]
+    not_applicable: dict[str, str]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, method: str) -> Row:
+        return next(r for r in self.rows if r.method == method)
+
+    def normalized(self, row: Row) -> float:
+        """Mean over tasks of merged accuracy / fine-tuned accuracy."""
+        ft = self.row("fine-tuned (individual)").accuracy
+        return float(np.mean([row.accuracy[t] / ft[t] for t in self.tasks]))
+
+    def to_json(self) -> dict:
+        rows = [
+            {**asdict(r), "average": r.mean(), "normalized": self.normalized(r)} for r in self.rows
+        ]
+        return {
+            "zoo": self.zoo,
+            "tasks": self.tasks,
+            "split": "test",
+            "rows": rows,
+            "not_applicable": self.not_applicable,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+
+class _Bench:
+    def __init__(
+        self,
+        zoo: BenchZoo,
+        *,
+        val_limit: int,
+        threads: int | None,
+        batch_size: int,
+        log: Callable[[str], None],
+    ):
+        from graft.eval.candidates import CandidateMerger
+
+        self.zoo, self.log, self.batch_size = zoo, log, batch_size
+        self.tasks = list(zoo.finetuned)
+        self.runners = {t: load_runner(zoo.base, head=zoo.heads[t]) for t in self.tasks}
+        self.test = [
+            Task(t, self.runners[t], self.runners[t].prepare(zoo.split(t, "test")))
+            for t in self.tasks
+        ]
+        self.val = []
+        for t in self.tasks:
+            data = self.runners[t].prepare(zoo.split(t, "val"))
+            if val_limit and len(data) > val_limit:
+                data = data.subset(np.arange(val_limit))
+            self.val.append(Task(t, self.runners[t], data))
+        self.merge = CandidateMerger(threads=threads)
+
+    def recipe(
+        self,
+        method: str,
+        per_model: Mapping,
+        shared: Mapping,
+        *,
+        stats: Mapping[str, Path] | None = None,
+        base: bool = True,
+    ) -> str:
+        doc: dict[str, Any] = {"merge_method": method}
+        if base:
+            doc["base_model"] = str(self.zoo.base)
+        doc["models"] = [
+            {
+                "model": str(self.zoo.finetuned[t]),
+                "parameters": {**per_model, **({"statistics": str(stats[t])} if stats else {})},
+            }
+            for t in self.tasks
+        ]
+        if shared:
+            doc["parameters"] = dict(shared)
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    def state(self, text: str) -> dict[str, torch.Tensor]:
+        from graft.plan import plan_merge
+        from graft.recipe import parse_recipe
+
+        plan = plan_merge(parse_recipe(text))
+        try:
+            return self.merge(plan)
+        finally:
+            plan.close()
+
+    def test_row(
+        self,
+        method: str,
+        kind: str,
+        text: str,
+        settings: str,
+        t0: float,
+        val_score: float | None = None,
+    ) -> Row:
+        _, per_task = score(self.test, self.state(text), batch_size=self.batch_size)
+        row = Row(method, kind, per_task, settings, time.perf_counter() - t0, val_score)
+        self.log(f"{method}: test mean {row.mean():.1%} ({settings})")
+        return row
+
+
+def run_bench(
+    zoo: BenchZoo,
+    *,
+    methods: Sequence[str] | None = None,
+    val_limit: int = 250,
+    stats_samples: int = 256,
+    ada_steps: int = 100,
+    ada_lr: float = 1e-3,
+    batch_size: int = 64,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """Run every method (or ``methods``) on ``zoo``; see the module docstring."""
+    from graft.eval.search import search_recipe
+    from graft.merge import METHODS
+
+    start = time.perf_counter()
+    b = _Bench(zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log)
+    wanted = set(methods) if methods is not None else None
+    rows = _references(b)
+    best: dict[str, float] = {}
+    for method, (param, grid) in SEARCH_GRIDS.items():
+        if (
+            wanted is not None
+            and method not in wanted
+            and not any(FAMILY[m][0] == method for m in wanted if m in FAMILY)
+        ):
+            continue
+        t0 = time.perf_counter()
+        per_model, shared = SEARCH_PARAMS[method]
+        found = search_recipe(
+            b.recipe(method, per_model, shared),
+            {param: grid},
+            lambda s: score(b.val, s, batch_size=batch_size),
+            merge=b.merge,
+        )
+        best[method] = found.best["params"][param]
+        log(f"{method}: {param}={best[method]} on validation ({found.best['score']:.1%})")
+        if wanted is None or method in wanted:
+            text = b.recipe(method, per_model, {**shared, param: best[method]})
+            rows.append(
+                b.test_row(
+                    method,
+                    "data-free",
+                    text,
+                    f"{param}={best[method]:g} (val {found.best['score']:.3f})",
+                    t0,
+                    found.best["score"],
+                )
+            )
+    for method in METHODS:
+        if method in SEARCH_GRIDS or method in NOT_APPLICABLE or METHODS[method].stats:
+            continue
+        if wanted is not None and method not in wanted:
+            continue
+        t0 = time.perf_counter()
+        per_model, shared, settings = _fixed(method, best)
+        rows.append(
+            b.test_row(
+                method,
+                "data-free",
+                b.recipe(method, per_model, shared, base=METHODS[method].base != "none"),
+                settings,
+                t0,
+            )
+        )
+    rows += _data_aware(b, wanted, stats_samples, ada_steps, ada_lr)
+    b.merge.close()
+    return BenchResult(zoo.name, b.tasks, rows, dict(NOT_APPLICABLE), time.perf_counter() - start)
+
+
+def _references(b: _Bench) -> list[Row]:
+    t0 = time.perf_counter()
+    rows = []
+    if b.zoo.probe_heads:
+        probe = {}
+        for task in b.test:
+            runner = load_runner(b.zoo.base, head=b.zoo.probe_heads[task.name])
+            probe[task.name] = evaluate(runner, task.data, batch_size=b.batch_size)["accuracy"]
+        rows.append(
+            Row(
+                "pretrained (linear probe)",
+                "reference",
+                probe,
+                "base with a probe head per task",
+                time.perf_counter() - t0,
+            )
+        )
+        t0 = time.perf_counter()
+    base = load_state_dict(b.zoo.base)
+    _, pre = score(b.test, base, batch_size=b.batch_size)
+    rows.append(
+        Row(
+            "pretrained + heads",
+            "reference",
+            pre,
+            "base with each task's fine-tuned head (= any merge at λ=0)",
+            time.perf_counter() - t0,
+        )
+    )
+    t0 = time.perf_counter()
+    ft = {}
+    for task in b.test:
+        params = task.runner.bind(load_state_dict(b.zoo.finetuned[task.name]))
+        ft[task.name] = evaluate(task.runner, task.data, batch_size=b.batch_size, params=params)[
+            "accuracy"
+        ]
+    rows.append(
+        Row(
+            "fine-tuned (individual)",
+            "reference",
+            ft,
+            "each task's own fine-tune",
+            time.perf_counter() - t0,
+        )
+    )
+    b.log(
+        f"references: pretrained {np.mean(list(pre.values())):.1%}, fine-tuned "
+        f"{np.mean(list(ft.values())):.1%}"
+    )
+    return rows
+
+
+def _fixed(method: str, best: dict[str, float]) -> tuple[dict, dict, str]:
+    if method in FAMILY:
+        parent, extra = FAMILY[method]
+        lam = best[parent]
+        settings = ", ".join(f"{k}={v}" for k, v in extra.items()) + f", λ={lam:g} (from {parent})"
+        shared = {"lambda": lam, **({"normalize": False} if parent == "task_arithmetic" else {})}
+        return {"weight": 1.0, **extra}, shared, settings
+    if method == "linear":
+        return {"weight": 1.0}, {}, "uniform weights (simple average)"
+    if method == "multislerp":
+        return {"weight": 1.0}, {}, "uniform weights"
+    if method == "model_stock":
+        return {}, {}, "per-tensor t from the deltas' mean cosine"
+    raise ValueError(
+        f"the benchmark has no settings for {method}; add them to graft.eval.zoo_bench"
+    )
+
+
+def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: float) -> list[Row]:
+    import tempfile
+
+    from graft.eval.adamerging import learn, recipe_yaml
+    from graft.eval.stats import write_stats
+
+    rows = []
+    folder = b.zoo.train_dir or Path(tempfile.mkdtemp(prefix="graft-bench-stats-"))
+    for method, kind in (("fisher", "fisher"), ("regmean", "gram")):
+        if wanted is not None and method not in wanted:
+            continue
+        t0 = time.perf_counter()
+        files = {}
+        for t in b.tasks:
+            runner = load_runner(b.zoo.finetuned[t], head=b.zoo.heads[t])
+            files[t] = write_stats(
+                kind,
+                runner,
+                b.zoo.split(t, "train"),
+                folder / f"{t}.{kind}.safetensors",
+                n_samples=stats_samples,
+                force=True,
+            )
+        settings = f"{stats_samples} train examples per task" + (
+            ", Fisher normalised per model" if method == "fisher" else ", α=0.9"
+        )
+        rows.append(
+            b.test_row(
+                method,
+                "data-aware",
+                b.recipe(method, {"weight": 1.0}, {}, stats=files, base=False),
+                settings,
+                t0,
+            )
+        )
+    base = load_state_dict(b.zoo.base)
+    finetuned = [load_state_dict(b.zoo.finetuned[t]) for t in b.tasks]
+    for mode in ("task", "layer"):
+        if wanted is not None and f"adamerging_{mode}" not in wanted:
+            continue
+        t0 = time.perf_counter()
+        inputs = [Task(t.name, t.runner, _unlabeled(t.data)) for t in b.test]
+        found = learn(inputs, base, finetuned, mode=mode, steps=ada_steps, lr=ada_lr)
+        text = recipe_yaml(found, str(b.zoo.base), {t: str(b.zoo.finetuned[t]) for t in b.tasks})
+        rows.append(
+            b.test_row(
+                f"adamerging_{mode}",
+                "data-aware",
+                text,
+                f"{ada_steps} steps, lr {ada_lr:g}; entropy "
+                f"{found.entropy_initial:.2f} -> {found.entropy_final:.2f}",
+                t0,
+            )
+        )
+    return rows
+
+
+def _unlabeled(data: Dataset) -> Dataset:
+    from dataclasses import replace
+
+    return replace(data, labels=None)
+
+
+def markdown_table(result: BenchResult, *, short: Callable[[str], str] = lambda t: t) -> str:
+    """The results as a markdown table (test accuracy, %)."""
+    head = ["method", *map(short, result.tasks), "avg", "norm.", "settings (chosen on val)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.rows:
+        cells = [f"{100 * r.accuracy[t]:.1f}" for t in result.tasks]
+        lines.append(
+            f"| {r.method} | "
+            + " | ".join(cells)
+            + f" | {100 * r.mean():.1f} | {100 * result.normalized(r):.1f} | {r.settings} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def text_bench_zoo(root: str | os.PathLike) -> BenchZoo:
+    """The text zoo in ``root`` as a `BenchZoo`."""
+    from graft.zoo.text_zoo import load_text_zoo, task_split
+
+    z = load_text_zoo(root)
+    return BenchZoo(
+        "text",
+        z.base,
+        z.finetuned,
+        z.heads,
+        lambda t, s: task_split(t, s, z.seed, z.config),
+        probe_heads=z.probe_heads,
+    )
