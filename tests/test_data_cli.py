@@ -613,3 +613,20 @@ def test_regmean_of_gpt2_conv1d_layers_solves_in_their_input_first_layout(family
         torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5)
     gram = grams[0]["h.0.mlp.c_fc.weight"]
     assert gram.shape == (32, 32)  # c_fc is (32, 128): its inputs are the 32 rows
+
+
+def test_merges_of_sentence_transformers_folders_keep_pooling_and_normalize(tmp_path):
+    """A merge of sentence-transformers folders keeps modules.json and its module folders,
+    so SentenceTransformer(out) pools and normalises as its inputs do."""
+    st = pytest.importorskip("sentence_transformers")
+    src = _tokenizer_dir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(src), "parameters": {"weight": 1.0}},
+        {"model": str(src), "parameters": {"weight": 1.0}}]}))
+    _cli("merge", recipe, tmp_path / "out", "-q")
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+    a = st.SentenceTransformer(str(src), device="cpu").encode(["a merged sentence"])
+    b = st.SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(["a merged sentence"])
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -33,7 +33,8 @@ _RELATIONS = ("adapter", "merge", "quantized", "finetune")
 def copy_sidecar_files(
     src_root: str | os.PathLike | None, dst: str | os.PathLike, *, config: dict | None
 ) -> list[str]:
-    """Write ``config.json`` and copy generation config and tokenizer files into `dst`.
+    """Write ``config.json`` and copy generation config, tokenizer files and a
+    sentence-transformers folder's own files (`copy_sentence_transformers_files`) into `dst`.
 
     Args:
         src_root: the source model dir, or None when there is none (a bare file).
@@ -50,6 +51,7 @@ def copy_sidecar_files(
         written.append("config.json")
     if src_root is not None:
         written += _copy_present(Path(src_root), dst, ("generation_config.json", *TOKENIZER_FILES))
+        written += copy_sentence_transformers_files(src_root, dst)
     return written
 
 

@@ -322,7 +322,7 @@ def _copy_model(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> None:
         config = ckpt.config
     save_state_dict(state, dst, config=config)
     copy_tokenizer(src, dst)
-    copy_sentence_transformers_files(src, dst)
+    copy_sentence_transformers_files(src, dst)  # save_state_dict has no source folder
 
 
 def _summary(tasks: dict) -> dict:
