@@ -630,3 +630,26 @@ def test_merges_of_sentence_transformers_folders_keep_pooling_and_normalize(tmp_
     a = st.SentenceTransformer(str(src), device="cpu").encode(["a merged sentence"])
     b = st.SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(["a merged sentence"])
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_hub_ids_resolve_from_the_local_cache_for_data_commands(family, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--topic" / "snapshots" / "abc123"
+    shutil.copytree(family["topic-ft"], snap)
+    (cache / "models--acme--topic" / "refs").mkdir(parents=True)
+    (cache / "models--acme--topic" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    root = family["root"]
+    args = ("--data", root / "topic-val.csv", "--head", root / "topic.head.safetensors",
+            "--json", "-q")
+    by_id = json.loads(_cli("eval", "acme/topic", *args).output)["results"]
+    by_path = json.loads(_cli("eval", family["topic-ft"], *args).output)["results"]
+    key = str(root / "topic-val.csv")
+    assert by_id[key]["accuracy"] == by_path[key]["accuracy"]
+    r = _cli("eval", "acme/missing", *args, ok=False)
+    assert r.exit_code != 0 and "never downloads" in str(r.exception)

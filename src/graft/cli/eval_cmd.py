@@ -62,9 +62,9 @@ def eval_model(
     """Accuracy and loss of MODEL on labelled data, with a classification head.
 
     Reports accuracy, mean cross-entropy and the number of examples per data set.
-    The head is --head, else the model's own classifier (a *ForSequenceClassification
-    folder) or its head.safetensors, else, for task:NAME data, the zoo's head of that task
-    (how merged backbones are judged: each task with its own head).
+    The head is --head, else for task:NAME data the zoo's head of that task (how merged
+    backbones are judged: each task with its own head), else the model's own classifier
+    (a *ForSequenceClassification folder) or its head.safetensors.
     """
     from graft.data import evaluate, open_model_data
 

@@ -48,9 +48,7 @@ def load_runner(
         raise DataError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
     if max_length is not None and max_length < 1:
         raise DataError(f"--max-length must be >= 1, got {max_length}")
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"model {p} not found; pass a model folder")
+    p = resolve_model(path)
     weights_dir, st_pooling = _sentence_transformers_layout(p)
     with open_checkpoint(weights_dir) as ckpt:
         config = ckpt.config
@@ -64,6 +62,25 @@ def load_runner(
     return _load_transformers(
         p, weights_dir, config, state, head, pooling or st_pooling, max_length
     )
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """A local model folder, or a hub id (``org/name``) found in the local Hugging Face
+    cache; graft never downloads.
+
+    Raises:
+        DataError: neither exists.
+    """
+    p = Path(path)
+    if p.exists():
+        return p
+    from graft.plan.models import resolve_model_path
+    from graft.recipe import ModelRef
+
+    try:
+        return resolve_model_path(ModelRef(str(path)), None)
+    except (ValueError, TypeError) as e:  # RecipeError: not local, not cached
+        raise DataError(str(e)) from None
 
 
 def _sentence_transformers_layout(path: Path) -> tuple[Path, str | None]:
