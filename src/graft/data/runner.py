@@ -80,6 +80,7 @@ class Runner:
     input_size: int | None = None  # digits: flattened input width
     prefix: str | None = None  # transformers' base_model_prefix ("bert", "model", ...)
     head_names: frozenset[str] = frozenset()  # checkpoint names of the model's own head
+    _inv: dict[str, str] | None = field(default=None, init=False, repr=False)
 
     @property
     def has_head(self) -> bool:
@@ -242,11 +243,9 @@ class Runner:
         return _to_tensor(functional_call(view, mapped, (), dict(inputs), strict=False))
 
     def _inverse(self) -> dict[str, str]:
-        inv = getattr(self, "_inv", None)
-        if inv is None:
-            inv = {c: m for m, c in self.names.items()}
-            self._inv = inv
-        return inv
+        if self._inv is None:
+            self._inv = {c: m for m, c in self.names.items()}
+        return self._inv
 
     def state(self) -> dict[str, torch.Tensor]:
         """The checkpoint-named parameters as loaded (detached)."""
