@@ -111,7 +111,7 @@ def test_benchmark_rows_on_the_quick_zoo(zoo):
     names = [r.method for r in result.rows]
     assert names == [
         "pretrained (linear probe)",
-        "pretrained + heads",
+        "pretrained (fine-tuned heads)",
         "fine-tuned (individual)",
         "task_arithmetic",
         "linear",

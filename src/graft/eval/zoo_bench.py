@@ -9,8 +9,8 @@ Every merge is a recipe run by graft's planner and engine — the same jobs and 
 Choices, in the order rows are made (hyperparameters are picked on the **validation**
 split, every reported number is on the **test** split):
 
-* references: the base with each task's head ("pretrained + heads"; with frozen-head
-  fine-tunes, the linear probe) and each fine-tune on its own task;
+* references: the base with a linear probe per task (when the zoo keeps probes), the base
+  with each task's fine-tuned head (any merge at λ = 0), and each fine-tune on its task;
 * searched on validation (``val_limit`` examples per task): task arithmetic ``lambda``
   (sum form), TIES ``lambda`` at density 0.2 (mean form, graft's default), LiNeS ``beta``
   (inner task arithmetic, ``alpha: auto``);
@@ -134,10 +134,12 @@ class _Bench:
         threads: int | None,
         batch_size: int,
         log: Callable[[str], None],
+        save_to: Path | None = None,
     ):
         from graft.eval.candidates import CandidateMerger
 
-        self.zoo, self.log, self.batch_size = zoo, log, batch_size
+        self.zoo, self.log, self.batch_size, self.save_to = zoo, log, batch_size, save_to
+        self.threads = threads
         self.tasks = list(zoo.finetuned)
         self.runners = {t: load_runner(zoo.base, head=zoo.heads[t]) for t in self.tasks}
         self.test = [
@@ -175,15 +177,23 @@ class _Bench:
             doc["parameters"] = dict(shared)
         return yaml.safe_dump(doc, sort_keys=False)
 
-    def state(self, text: str) -> dict[str, torch.Tensor]:
-        from graft.plan import plan_merge
+    def state(self, text: str, name: str | None = None) -> dict[str, torch.Tensor]:
+        """The merge of a recipe: in memory, or written to ``save_to/merged/<name>`` (and
+        its recipe to ``save_to/recipes/<name>.yaml``) and read back."""
+        from graft.io import write_text
+        from graft.plan import plan_merge, run_plan
         from graft.recipe import parse_recipe
 
         plan = plan_merge(parse_recipe(text))
         try:
-            return self.merge(plan)
+            if self.save_to is None or name is None:
+                return self.merge(plan)
+            out = self.save_to / "merged" / name
+            run_plan(plan, out, threads=self.threads, force=True)
         finally:
             plan.close()
+        write_text(self.save_to / "recipes" / f"{name}.yaml", text)
+        return load_state_dict(out)
 
     def test_row(
         self,
@@ -194,7 +204,7 @@ class _Bench:
         t0: float,
         val_score: float | None = None,
     ) -> Row:
-        _, per_task = score(self.test, self.state(text), batch_size=self.batch_size)
+        _, per_task = score(self.test, self.state(text, method), batch_size=self.batch_size)
         row = Row(method, kind, per_task, settings, time.perf_counter() - t0, val_score)
         self.log(f"{method}: test mean {row.mean():.1%} ({settings})")
         return row
@@ -210,18 +220,35 @@ def run_bench(
     ada_lr: float = 1e-3,
     batch_size: int = 64,
     threads: int | None = None,
+    grids: Mapping[str, Sequence[float]] | None = None,
+    save_to: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
-    """Run every method (or ``methods``) on ``zoo``; see the module docstring."""
+    """Run every method (or ``methods``) on ``zoo``; see the module docstring.
+
+    Args:
+        zoo: the models, heads and splits.
+        methods: which rows to make (default: every method graft has).
+        val_limit: validation examples per task for the searches (0: all).
+        stats_samples: training examples per task for the Fisher and Gram passes.
+        ada_steps / ada_lr: AdaMerging's Adam steps and learning rate.
+        batch_size: examples per forward pass.
+        threads: engine threads.
+        grids: searched values per method, replacing `SEARCH_GRIDS`' values.
+        save_to: write each row's merged model and recipe under this folder.
+        log: progress, one line at a time.
+    """
     from graft.eval.search import search_recipe
     from graft.merge import METHODS
 
     start = time.perf_counter()
-    b = _Bench(zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log)
+    b = _Bench(zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log,
+               save_to=save_to)
     wanted = set(methods) if methods is not None else None
     rows = _references(b)
     best: dict[str, float] = {}
     for method, (param, grid) in SEARCH_GRIDS.items():
+        grid = list((grids or {}).get(method, grid))
         if (
             wanted is not None
             and method not in wanted
@@ -293,7 +320,7 @@ def _references(b: _Bench) -> list[Row]:
     _, pre = score(b.test, base, batch_size=b.batch_size)
     rows.append(
         Row(
-            "pretrained + heads",
+            "pretrained (fine-tuned heads)",
             "reference",
             pre,
             "base with each task's fine-tuned head (= any merge at λ=0)",
