@@ -34,9 +34,14 @@ def trio(tmp_path):
 
 
 def _recipe(tmp_path, base, models, method="ties", params=None, per_model=None, **extra):
-    doc = {"merge_method": method, "base_model": str(base),
-           "models": [{"model": str(m), "parameters": per_model or {"weight": 1.0, "density": 0.5}}
-                      for m in models]}
+    doc = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(m), "parameters": per_model or {"weight": 1.0, "density": 0.5}}
+            for m in models
+        ],
+    }
     if params:
         doc["parameters"] = params
     doc.update(extra)
@@ -85,8 +90,11 @@ def test_garbage_header(tmp_path, trio):
 def test_tensor_missing_from_one_model(tmp_path, trio):
     base, a, _ = trio
     save_state_dict({"model.embed_tokens.weight": torch.zeros(10, 4)}, tmp_path / "partial")
-    line = _fails(tmp_path, _recipe(tmp_path, base, [a, tmp_path / "partial"]),
-                  contains="model.layers.0.mlp.weight")
+    line = _fails(
+        tmp_path,
+        _recipe(tmp_path, base, [a, tmp_path / "partial"]),
+        contains="model.layers.0.mlp.weight",
+    )
     assert "partial" in line
 
 
@@ -97,8 +105,11 @@ def test_shape_mismatch_names_tensor_and_models(tmp_path, trio):
     sd = load_state_dict(a)
     sd["model.layers.1.mlp.weight"] = torch.zeros(4, 5)
     save_state_dict(sd, tmp_path / "wide")
-    line = _fails(tmp_path, _recipe(tmp_path, base, [a, tmp_path / "wide"]),
-                  contains="model.layers.1.mlp.weight")
+    line = _fails(
+        tmp_path,
+        _recipe(tmp_path, base, [a, tmp_path / "wide"]),
+        contains="model.layers.1.mlp.weight",
+    )
     assert "wide" in line and "shape" in line
 
 
@@ -109,8 +120,9 @@ def test_vocab_size_difference_called_out(tmp_path, trio):
     sd = load_state_dict(a)
     sd["model.embed_tokens.weight"] = torch.zeros(12, 4)
     save_state_dict(sd, tmp_path / "bigvocab")
-    line = _fails(tmp_path, _recipe(tmp_path, base, [a, tmp_path / "bigvocab"]),
-                  contains="vocabulary size")
+    line = _fails(
+        tmp_path, _recipe(tmp_path, base, [a, tmp_path / "bigvocab"]), contains="vocabulary size"
+    )
     assert "10" in line and "12" in line
 
 
@@ -156,9 +168,13 @@ def test_existing_output_refused_then_forced(tmp_path, trio):
     code, _, err = run_cli("merge", r, out, "-q")
     assert code != 0 and "--force" in err
     assert (out / "keep.txt").exists()
-    code, _, err = run_cli("merge", r, out, "-q", "--force")
+    code, _, err = run_cli("merge", r, out, "-q", "--force")  # not a folder graft wrote
+    assert code != 0 and "--force-overwrite-anything" in err and (out / "keep.txt").exists()
+    code, _, err = run_cli("merge", r, out, "-q", "--force-overwrite-anything")
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    code, _, err = run_cli("merge", r, out, "-q", "--force")  # now graft's own: replaceable
+    assert code == 0, err
 
 
 def test_nan_input_warns_and_strict_fails(tmp_path, trio):
@@ -194,6 +210,12 @@ def test_slerp_needs_exactly_one_other_model(tmp_path, trio):
 def test_base_required(tmp_path, trio):
     _, a, b = trio
     p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump({"merge_method": "ties", "models": [
-        {"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b)}]}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "models": [{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b)}],
+            }
+        )
+    )
     _fails(tmp_path, p, contains="base_model")

@@ -257,8 +257,9 @@ def test_statistic_with_wrong_shape_is_refused(family):
     name = next(n for n, t in tensors.items() if t.ndim == 2)
     bad = dict(tensors)
     bad[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[0] + 1)
-    path = save_statistics(bad, family["root"] / "bad.gram.safetensors", kind="gram",
-                           model_fingerprint=fp, force=True)
+    path = save_statistics(
+        bad, family["root"] / "bad.gram.safetensors", kind="gram", model_fingerprint=fp, force=True
+    )
     files = [family["gram"][0][0], path]
     with pytest.raises(PlanError, match=f"shape .* for {name}"):
         plan_merge(parse_recipe(_recipe("regmean", family["models"], files), root=family["root"]))
@@ -479,3 +480,44 @@ def test_quick_zoo_end_to_end(tmp_path):
     soup, text = soups.soup_zoo(zoo)
     assert soup.soup_score >= max(soup.scores.values())
     assert yaml.safe_load(text)["merge_method"] == "linear"
+
+
+def test_greedy_order_adds_only_ingredients_that_raise_held_out_accuracy():
+    # Held-out accuracy of each soup, as a table: the algorithm only sees these numbers.
+    table = {
+        ("a",): 0.5,
+        ("b",): 0.7,
+        ("c",): 0.6,
+        ("d",): 0.2,
+        ("b", "c"): 0.8,  # kept: 0.8 > 0.7
+        ("b", "c", "a"): 0.75,  # left out: 0.75 < 0.8
+        ("b", "c", "d"): 0.9,  # kept: 0.9 > 0.8
+    }
+    chosen, alone, best, steps = soups.greedy_order(["a", "b", "c", "d"], lambda m: table[tuple(m)])
+    assert chosen == ["b", "c", "d"] and best == 0.9
+    assert alone == {"a": 0.5, "b": 0.7, "c": 0.6, "d": 0.2}
+    assert steps == [("c", 0.8, True), ("a", 0.75, False), ("d", 0.9, True)]
+    # A tie is left out by default and kept with keep_ties (the paper's >=).
+    tie = {("x",): 0.6, ("y",): 0.4, ("x", "y"): 0.6}
+    assert soups.greedy_order(["x", "y"], lambda m: tie[tuple(m)])[0] == ["x"]
+    assert soups.greedy_order(["x", "y"], lambda m: tie[tuple(m)], keep_ties=True)[0] == ["x", "y"]
+
+
+def test_greedy_soup_averages_the_ingredients_it_keeps():
+    def ingredient(name, w, b):
+        return soups.Ingredient(name, {"w": torch.tensor([w])}, {"b": torch.tensor([b])})
+
+    # Score: minus the distance of the backbone to 1. Alone: A -0.5, B -0.75, C -2.
+    ingredients = [ingredient("B", 0.25, 4.0), ingredient("C", 3.0, 0.0), ingredient("A", 1.5, 2.0)]
+
+    def score(backbone, head):
+        return -abs(float(backbone["w"]) - 1.0)
+
+    res = soups.greedy_soup(ingredients, score)
+    # A first; A+B averages to 0.875 (-0.125 > -0.5: kept); A+B+C to 4.75/3 (-0.583: not).
+    assert res.chosen == ["A", "B"]
+    assert res.scores == {"A": -0.5, "B": -0.75, "C": -2.0}
+    assert res.soup_score == -0.125
+    assert float(res.backbone["w"]) == 0.875 and float(res.head["b"]) == 3.0
+    assert res.uniform_score == pytest.approx(-(4.75 / 3 - 1))
+    assert [(n, k) for n, _, k in res.steps] == [("B", True), ("C", False)]

@@ -578,19 +578,22 @@ def test_regmean_of_gpt2_conv1d_layers_solves_in_their_input_first_layout(family
     the merge solves W* = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢ without a transpose — checked on c_attn
     (32 -> 96) and on the square attn.c_proj, where a layout mix-up would pass the shape
     checks unseen."""
-    cfg = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2,
-                                  n_positions=64)
+    cfg = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     torch.manual_seed(5)
     base = transformers.GPT2Model(cfg).eval()
     models, grams, states = [], [], []
     csv = family["root"] / "topic-train.csv"
     for i in range(2):
         g = torch.Generator().manual_seed(50 + i)
-        state = {n: t + 0.02 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
-                 for n, t in base.state_dict().items()}
-        path = _save_model(state, json.loads(cfg.to_json_string()) | {"architectures":
-                                                                       ["GPT2Model"]},
-                           tmp_path / f"gpt{i}")
+        state = {
+            n: t + 0.02 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+            for n, t in base.state_dict().items()
+        }
+        path = _save_model(
+            state,
+            json.loads(cfg.to_json_string()) | {"architectures": ["GPT2Model"]},
+            tmp_path / f"gpt{i}",
+        )
         stats = tmp_path / f"gpt{i}.gram.safetensors"
         _cli("stats", "gram", path, "--data", csv, "-o", stats, "--max-length", 16, "-q")
         with open_checkpoint(stats) as ckpt:
@@ -599,8 +602,9 @@ def test_regmean_of_gpt2_conv1d_layers_solves_in_their_input_first_layout(family
         grams.append(load_state_dict(stats))
         states.append(load_state_dict(path))
     recipe = tmp_path / "gpt.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "regmean", "models": models,
-                                      "parameters": {"alpha": 0.9}}))
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": "regmean", "models": models, "parameters": {"alpha": 0.9}})
+    )
     _cli("merge", recipe, tmp_path / "gpt-merged", "-q")
     got = load_state_dict(tmp_path / "gpt-merged")
     for name in ("h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight"):
@@ -621,12 +625,23 @@ def test_merges_of_sentence_transformers_folders_keep_pooling_and_normalize(tmp_
     st = pytest.importorskip("sentence_transformers")
     src = _tokenizer_dir()
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": str(src), "parameters": {"weight": 1.0}},
-        {"model": str(src), "parameters": {"weight": 1.0}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(src), "parameters": {"weight": 1.0}},
+                    {"model": str(src), "parameters": {"weight": 1.0}},
+                ],
+            }
+        )
+    )
     _cli("merge", recipe, tmp_path / "out", "-q")
-    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+    for name in ("sentence_bert_config.json", "1_Pooling/config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
+    assert json.loads((tmp_path / "out" / "modules.json").read_text()) == json.loads(
+        (src / "modules.json").read_text()
+    )
     a = st.SentenceTransformer(str(src), device="cpu").encode(["a merged sentence"])
     b = st.SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(["a merged sentence"])
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -645,8 +660,14 @@ def test_hub_ids_resolve_from_the_local_cache_for_data_commands(family, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     root = family["root"]
-    args = ("--data", root / "topic-val.csv", "--head", root / "topic.head.safetensors",
-            "--json", "-q")
+    args = (
+        "--data",
+        root / "topic-val.csv",
+        "--head",
+        root / "topic.head.safetensors",
+        "--json",
+        "-q",
+    )
     by_id = json.loads(_cli("eval", "acme/topic", *args).output)["results"]
     by_path = json.loads(_cli("eval", family["topic-ft"], *args).output)["results"]
     key = str(root / "topic-val.csv")

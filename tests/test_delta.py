@@ -337,18 +337,6 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(pair, tmp_path):
         "compress",
         d,
         "--method",
-        "lowrank",
-        "--rank",
-        "9",
-        "-o",
-        tmp_path / "p",
-        contains="--rank 9 is larger than tensor",
-    )
-    _fails(
-        tmp_path / "p",
-        "compress",
-        d,
-        "--method",
         "zip",
         "-o",
         tmp_path / "p",
@@ -463,3 +451,46 @@ def test_cli_extract_and_merge_lora(hf_family, tmp_path):
         tmp_path / "big",
         contains="--rank 999 is larger than tensor",
     )
+
+
+def test_compeft_patch_applies_the_hand_computed_ternary_delta(tmp_path):
+    # Through the files (diff, compress, apply), not just the encoder: an all-zero patch
+    # (scale 0 anywhere on the way) would leave the base unchanged, relative error 1.
+    base = {"w": torch.tensor([[1.0, 1.0], [1.0, 1.0]]), "b": torch.tensor([0.0, 0.0, 0.0, 0.0])}
+    ft = {"w": torch.tensor([[4.0, -2.0], [1.1, 0.9]]), "b": torch.tensor([0.0, 0.5, 0.0, -1.0])}
+    save_state_dict(base, tmp_path / "base")
+    save_state_dict(ft, tmp_path / "ft")
+    passes.diff(tmp_path / "ft", tmp_path / "base", tmp_path / "d.safetensors")
+    passes.compress(
+        tmp_path / "d.safetensors",
+        tmp_path / "p.safetensors",
+        method=get_compressor("compeft"),
+        params={"density": 0.5, "alpha": 1.0},
+    )
+    passes.apply(tmp_path / "base", [tmp_path / "p.safetensors"], tmp_path / "out")
+    out = load_state_dict(tmp_path / "out")
+    # w: delta (3, -3, 0.1, -0.1); top 2 of 4 by |.| are 3 and -3; sigma is the population
+    # std of the dense delta: mean 0, sqrt((9 + 9 + 0.01 + 0.01) / 4).
+    s_w = math.sqrt(18.02 / 4)
+    torch.testing.assert_close(out["w"], torch.tensor([[1 + s_w, 1 - s_w], [1.0, 1.0]]))
+    # b: delta (0, 0.5, 0, -1), mean -0.125; top 2 are -1 and 0.5.
+    s_b = math.sqrt(((0.125**2) * 2 + 0.625**2 + 0.875**2) / 4)
+    torch.testing.assert_close(out["b"], torch.tensor([0.0, s_b, 0.0, -s_b]))
+    err = (out["w"] - ft["w"]).norm() / (ft["w"] - base["w"]).norm()
+    assert err < 0.3  # sqrt(2·(3 - 2.1225)² + 0.02) / sqrt(18.02) = 0.294
+
+
+def test_compeft_never_keeps_an_exact_zero_and_always_keeps_one_entry():
+    from graft.delta.codecs import decode
+
+    # density 0.75 asks for 3 of 4 entries, but zeros have no sign: only the 1 is kept.
+    delta = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    codec, parts = compeft(delta, value_dtype=torch.float32, density=0.75)
+    assert parts["mask"].tolist() == [0b00100000] and parts["sign"].tolist() == [0b10000000]
+    sigma = math.sqrt(3 / 16)  # population std of (0, 0, 1, 0): mean 1/4
+    torch.testing.assert_close(decode(codec, parts, (4,)), torch.tensor([0.0, 0.0, sigma, 0.0]))
+    # density 0.01 of 4 entries rounds to 0: at least one (the largest |.|, -3) is kept.
+    codec, parts = compeft(
+        torch.tensor([0.5, -3.0, 1.0, 2.0]), value_dtype=torch.float32, density=0.01
+    )
+    assert parts["mask"].tolist() == [0b01000000] and parts["sign"].tolist() == [0]

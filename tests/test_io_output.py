@@ -57,8 +57,8 @@ def test_success_moves_into_place(tmp_path):
 
 def test_existing_target_needs_force(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    with atomic_output_dir(target, force=False) as t:  # an output graft wrote (.graft marker)
+        (t / "old").write_text("old")
     refused = pytest.raises(GraftIOError, match=re.escape(f"output {target} exists; pass --force"))
     with refused, atomic_output_dir(target, force=False):
         pytest.fail("must not get here")
@@ -66,17 +66,18 @@ def test_existing_target_needs_force(tmp_path):
     with atomic_output_dir(target, force=True) as tmp:
         (tmp / "new").write_text("new")
         assert (target / "old").exists()  # old output intact until the new one is complete
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == [".graft", "new"]
     assert leftovers(tmp_path) == []
 
 
 def test_failed_forced_write_keeps_old_output(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    with atomic_output_dir(target, force=False) as t:
+        (t / "old").write_text("old")
     with pytest.raises(RuntimeError), atomic_output_dir(target, force=True):
         raise RuntimeError
-    assert [p.name for p in target.iterdir()] == ["old"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in target.iterdir()) == [".graft", "old"]
+    assert leftovers(tmp_path) == []
 
 
 def test_force_never_replaces_the_working_directory(tmp_path, monkeypatch):

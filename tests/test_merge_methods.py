@@ -446,3 +446,113 @@ def test_lines_task_arithmetic_per_tensor_alpha_equals_the_reference_global_alph
         expected = base[k] + scale * sum(ft[k] - base[k] for ft in fts)
         out = lines.lines([ft[k] for ft in fts], base[k], beta=beta, layer=layer, num_layers=2)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- sign election in the DARE and DELLA families (values worked out by hand) ------------
+
+
+def test_dare_ties_elects_a_sign_per_entry_before_summing():
+    # density 1 keeps every entry (nothing is drawn): dare_ties is TIES without a trim.
+    base = t(1, 1, 1)
+    a, b = t(2, -1, 1.5), t(4, 2, 0.5)  # deltas (1, -2, 0.5) and (3, 1, -0.5)
+    # entry 0: 1 + 3 > 0, both agree: 4.  entry 1: -2 + 1 < 0, only -2 agrees.
+    # entry 2: 0.5 - 0.5 = 0 counts as +, only 0.5 agrees.  (A plain sum: 4, -1, 0.)
+    close(dare.dare_ties([a, b], base, weight=[1, 1]), [5, -1, 1.5])
+    # disjoint mean: 4 / 2, -2 / 1, 0.5 / 1
+    close(dare.dare_ties([a, b], base, weight=[1, 1], normalize=True), [3, -1, 1.5])
+    # weights enter the election: 2·(1, -2, 0.5) + (3, 1, -0.5) = (5, -3, 0.5)
+    close(dare.dare_ties([a, b], base, weight=[2, 1]), [1 + 5, 1 - 4, 1 + 1])
+
+
+def test_dare_ties_elects_on_the_dropped_and_rescaled_deltas():
+    base = torch.zeros(6)
+    d1, d2 = t(1, -2, 3, -1, 2, 1), t(-3, 1, 1, 2, -1, -2)
+    # The masks, as the contract says they are drawn (rand < p, model order).
+    g = torch.Generator().manual_seed(0)
+    k1, k2 = (
+        (torch.rand(6, generator=g) < 0.5).tolist(),
+        (torch.rand(6, generator=g) < 0.5).tolist(),
+    )
+    s1 = [x / 0.5 if k else 0.0 for x, k in zip(d1.tolist(), k1, strict=True)]
+    s2 = [x / 0.5 if k else 0.0 for x, k in zip(d2.tolist(), k2, strict=True)]
+    expected = []
+    for x, y in zip(s1, s2, strict=True):
+        sign = 1 if x + y >= 0 else -1
+        expected.append(sum(v for v in (x, y) if v * sign > 0))
+    # masks (T,F,T,T,T,F), (T,F,T,F,T,T): entry 0 elects - (2 vs -6), entry 4 + (4 vs -2)
+    assert expected == [-6, 0, 8, -2, 4, -4]
+    out = dare.dare_ties(
+        [d1, d2],
+        base,
+        weight=[1, 1],
+        density=[0.5, 0.5],
+        generator=torch.Generator().manual_seed(0),
+    )
+    close(out, expected)
+
+
+def test_della_elects_a_sign_per_entry_and_takes_the_disjoint_mean():
+    base = torch.zeros(3)
+    a, b = t(1, -2, 0.5), t(3, 1, -0.5)
+    # density 1 keeps every entry; della's default is the disjoint mean (normalize true).
+    # entry 0: both +: (1 + 3) / 2.  entry 1: -2 + 1 < 0: -2 alone.  entry 2: 0 -> +: 0.5.
+    # (A linear mean would give 2, -0.5, 0.)
+    close(della.della([a, b], base, weight=[1, 1]), [2, -2, 0.5])
+    # weighted: 2a + b = (5, -3, 0.5); divisors are the agreeing weights: 3, 2, 2
+    close(della.della([a, b], base, weight=[2, 1]), [5 / 3, -4 / 2, 1 / 2])
+    close(della.della([a, b], base, weight=[1, 1], normalize=False), [4, -2, 0.5])
+
+
+def test_della_elects_on_the_magpruned_deltas():
+    base = torch.zeros(5)
+    d1, d2 = t(0.1, -0.4, 0.3, 0.2, -0.5), t(-0.3, 0.2, 0.1, -0.4, 0.5)
+    # keep probabilities by magnitude rank (density 0.5, epsilon 0.2): 0.3 + 0.4·rank/4
+    p1, p2 = [0.3, 0.6, 0.5, 0.4, 0.7], [0.5, 0.4, 0.3, 0.6, 0.7]
+    g = torch.Generator().manual_seed(11)
+    u1, u2 = torch.rand(5, generator=g).tolist(), torch.rand(5, generator=g).tolist()
+    s1 = [x / p if u < p else 0.0 for x, p, u in zip(d1.tolist(), p1, u1, strict=True)]
+    s2 = [x / p if u < p else 0.0 for x, p, u in zip(d2.tolist(), p2, u2, strict=True)]
+    expected = []
+    for x, y in zip(s1, s2, strict=True):
+        sign = 1 if x + y >= 0 else -1
+        agree = [v for v in (x, y) if v * sign > 0]
+        expected.append(sum(agree) / max(len(agree), 1))
+    assert expected != [(x + y) / 2 for x, y in zip(s1, s2, strict=True)]
+    out = della.della(
+        [d1, d2],
+        base,
+        weight=[1, 1],
+        density=[0.5, 0.5],
+        epsilon=[0.2, 0.2],
+        generator=torch.Generator().manual_seed(11),
+    )
+    close(out, expected, atol=1e-5)
+
+
+# --- edges mutation testing found untested ------------------------------------------------
+
+
+def test_equal_weights_other_than_one_and_a_lambda_of_two_still_scale():
+    a, b = t(1, 2), t(3, -4)
+    # 2·(1, 2) + 2·(3, -4) = (8, -4): equal weights must not be mistaken for "no weights"
+    close(dare.dare_linear([a, b], torch.zeros(2), weight=[2, 2]), [8, -4])
+    # λ = 2 on the merged delta (4, -2), then the base (1, 1)
+    close(dare.dare_linear([a + 1, b + 1], t(1, 1), weight=[1, 1], scale=2), [9, -3])
+
+
+def test_della_bounds_on_density_and_epsilon():
+    d = t(0.1, -0.4, 0.3, 0.2, -0.5)
+    # density + epsilon = 1 is allowed: the largest |entry| has p = 1, kept as is
+    out = della.della_sparsify(d, 0.85, 0.15, torch.Generator().manual_seed(0))
+    close(out[4:], [-0.5])
+    for density, epsilon in ((0.9, 0.15), (0.15, 0.15)):  # above 1; density - epsilon = 0
+        with pytest.raises(ValueError, match="epsilon"):
+            della.della_sparsify(d, density, epsilon, None)
+
+
+def test_della_drops_a_one_entry_tensor_with_probability_density():
+    # A row of one entry gets p = density; it is kept (and divided by p) iff u < p.
+    for seed in range(6):
+        u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+        out = della.della_sparsify(t(2.0), 0.5, 0.2, torch.Generator().manual_seed(seed))
+        close(out, [4.0 if u < 0.5 else 0.0])

@@ -25,13 +25,17 @@ def test_param_specs():
 
 
 def test_candidate_sets_globally_and_removes_per_model_values():
-    text = yaml.safe_dump({
-        "merge_method": "ties",
-        "base_model": "b",
-        "parameters": {"lambda": 1.0, "normalize": True},
-        "models": [{"model": "m1", "parameters": {"density": 0.9, "weight": 1.0}},
-                   {"model": "m2", "parameters": {"density": 0.1}}],
-    })
+    text = yaml.safe_dump(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "parameters": {"lambda": 1.0, "normalize": True},
+            "models": [
+                {"model": "m1", "parameters": {"density": 0.9, "weight": 1.0}},
+                {"model": "m2", "parameters": {"density": 0.1}},
+            ],
+        }
+    )
     doc = yaml.safe_load(candidate_recipe(text, {"density": 0.5, "lambda": 0.3}))
     assert doc["parameters"] == {"lambda": 0.3, "normalize": True, "density": 0.5}
     assert doc["models"][0]["parameters"] == {"weight": 1.0}
@@ -48,17 +52,22 @@ def family(tmp_path):
         d = torch.randn(4, 3, generator=g)
         deltas.append(d)
         paths[f"m{i}"] = save_state_dict(
-            {"blocks.0.w": base["blocks.0.w"] + d, "ids": base["ids"]}, tmp_path / f"m{i}")
+            {"blocks.0.w": base["blocks.0.w"] + d, "ids": base["ids"]}, tmp_path / f"m{i}"
+        )
     return base, deltas, paths
 
 
 def _recipe(paths) -> str:
-    return yaml.safe_dump({
-        "merge_method": "task_arithmetic",
-        "base_model": str(paths["base"]),
-        "parameters": {"normalize": False},
-        "models": [{"model": str(paths[f"m{i}"]), "parameters": {"weight": 1.0}} for i in (0, 1)],
-    })
+    return yaml.safe_dump(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(paths["base"]),
+            "parameters": {"normalize": False},
+            "models": [
+                {"model": str(paths[f"m{i}"]), "parameters": {"weight": 1.0}} for i in (0, 1)
+            ],
+        }
+    )
 
 
 def test_search_scores_each_candidate_merge_and_keeps_the_first_best(family):
@@ -86,8 +95,12 @@ def test_candidates_too_big_for_memory_are_streamed_and_mapped(family, tmp_path,
     monkeypatch.setattr(candidates, "available_memory", lambda: 10)  # nothing fits
     merger = CandidateMerger(scratch=tmp_path)
     try:
-        found = search_recipe(_recipe(paths), {"lambda": [0.5]},
-                              lambda s: (float(s["blocks.0.w"].sum()), {}), merge=merger)
+        found = search_recipe(
+            _recipe(paths),
+            {"lambda": [0.5]},
+            lambda s: (float(s["blocks.0.w"].sum()), {}),
+            merge=merger,
+        )
         assert merger.spilled == 1
         expected = base["blocks.0.w"] + 0.5 * (deltas[0] + deltas[1])
         assert found.best["score"] == pytest.approx(float(expected.sum()), rel=1e-6)

@@ -55,15 +55,18 @@ class DemoResult:
         return sum(row.accuracy[t] / ft[t] for t in self.tasks) / len(self.tasks)
 
     def to_json(self) -> dict:
-        rows = [{**asdict(r), "average": r.mean(), "normalized": self.normalized(r)}
-                for r in self.rows]
+        rows = [
+            {**asdict(r), "average": r.mean(), "normalized": self.normalized(r)} for r in self.rows
+        ]
         return {
             "seed": self.seed,
             "tasks": self.tasks,
             "split": "test",
             "rows": rows,
-            "soup": {"task": self.soup_task, "rows": [{**asdict(r), "average": r.mean()}
-                                                      for r in self.soup]},
+            "soup": {
+                "task": self.soup_task,
+                "rows": [{**asdict(r), "average": r.mean()} for r in self.soup],
+            },
             "not_applicable": self.skipped,
             "zoo": self.zoo_report,
             "seconds": self.seconds,
@@ -73,9 +76,13 @@ class DemoResult:
 def digits_bench_zoo(zoo: Zoo, train_dir: Path | None = None) -> BenchZoo:
     """The digits zoo as a `BenchZoo` (its splits by the zoo's seed)."""
     return BenchZoo(
-        "digits", zoo.base, zoo.finetuned, zoo.heads,
+        "digits",
+        zoo.base,
+        zoo.finetuned,
+        zoo.heads,
         lambda task, split: zoo_task_data(task, split=split, zoo=zoo.root),
-        probe_heads=zoo.probe_heads, train_dir=train_dir,
+        probe_heads=zoo.probe_heads,
+        train_dir=train_dir,
     )
 
 
@@ -104,8 +111,15 @@ def run_demo(
         save_to=workdir,
         log=log,
     )
-    result = DemoResult(bench.tasks, bench.rows, _soup_rows(zoo), zoo.soup_task,
-                        bench.not_applicable, zoo.report, seed)
+    result = DemoResult(
+        bench.tasks,
+        bench.rows,
+        _soup_rows(zoo),
+        zoo.soup_task,
+        bench.not_applicable,
+        zoo.report,
+        seed,
+    )
     result.seconds = time.perf_counter() - start
     _write_outputs(workdir, result)
     return result
@@ -123,8 +137,10 @@ def _soup_rows(zoo: Zoo) -> list[Row]:
             runner.module.head.bias.copy_(head["bias"])
         return run_eval(runner, test, batch_size=512, params=runner.bind(backbone))["accuracy"]
 
-    ingredients = [(str(p), load_state_dict(p), load_state_dict(h))
-                   for p, h in zip(zoo.soup, zoo.soup_heads, strict=True)]
+    ingredients = [
+        (str(p), load_state_dict(p), load_state_dict(h))
+        for p, h in zip(zoo.soup, zoo.soup_heads, strict=True)
+    ]
     best_name = max(result.scores, key=result.scores.get)
     best = next(i for i in ingredients if i[0] == best_name)
     uniform = (average([i[1] for i in ingredients]), average([i[2] for i in ingredients]))
@@ -132,8 +148,12 @@ def _soup_rows(zoo: Zoo) -> list[Row]:
     return [
         Row("best single ingredient (by val)", "soup", {task: test_acc(best[1], best[2])}),
         Row("uniform soup", "soup", {task: test_acc(*uniform)}, f"{len(ingredients)} ingredients"),
-        Row("greedy soup", "soup", {task: test_acc(result.backbone, result.head)},
-            f"{len(result.chosen)} of {len(ingredients)} ingredients"),
+        Row(
+            "greedy soup",
+            "soup",
+            {task: test_acc(result.backbone, result.head)},
+            f"{len(result.chosen)} of {len(ingredients)} ingredients",
+        ),
     ]
 
 
@@ -147,10 +167,18 @@ def markdown_table(result: DemoResult) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result.rows:
         cells = [f"{100 * row.accuracy[t]:.1f}" for t in result.tasks]
-        lines.append(f"| {row.method} | " + " | ".join(cells)
-                     + f" | {100 * row.mean():.1f} | {100 * result.normalized(row):.1f} | {row.settings} |")
-    lines += ["", f"Model soups on `{result.soup_task}` (test accuracy, %):", "",
-              "| soup | accuracy | settings |", "|---|---|---|"]
+        lines.append(
+            f"| {row.method} | "
+            + " | ".join(cells)
+            + f" | {100 * row.mean():.1f} | {100 * result.normalized(row):.1f} | {row.settings} |"
+        )
+    lines += [
+        "",
+        f"Model soups on `{result.soup_task}` (test accuracy, %):",
+        "",
+        "| soup | accuracy | settings |",
+        "|---|---|---|",
+    ]
     for row in result.soup:
         lines.append(f"| {row.method} | {100 * row.mean():.1f} | {row.settings} |")
     return "\n".join(lines) + "\n"

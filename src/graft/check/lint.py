@@ -1,8 +1,9 @@
 """`lint`: what is risky or broken in a checkpoint, found without executing anything.
 
 Pickles (``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.ckpt``) are scanned as bytes
-(`graft.check.pickle_scan`); tensors are read only when every pickle of the checkpoint
-imports nothing outside the allowlist, and then only through graft's reader
+(`graft.check.pickle_scan`, which fails closed: what it cannot resolve is a risk);
+tensors are read only when every pickle of the checkpoint imports nothing outside the
+allowlist and the scan resolved everything, and then only through graft's reader
 (safetensors, or ``torch.load(weights_only=True)``), one tensor at a time
 (`graft.check.weights` says what is checked). With ``data`` (or ``task``), the model
 card's ``model-index`` accuracy claims are compared with the accuracy measured there.
@@ -13,10 +14,11 @@ Findings have a severity: ``risk`` (code a pickle would run), ``error`` (NaN/Inf
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
-from graft.check.pickle_scan import scan_pickle
+from graft.check.pickle_scan import scan_file
 from graft.check.weights import (
     DEGENERATE_WARN_FRACTION,
     conv_filters,
@@ -27,9 +29,9 @@ from graft.check.weights import (
 from graft.io import (
     GraftIOError,
     model_files,
+    open_binary,
     open_checkpoint,
     read_model_card,
-    read_pickle_streams,
 )
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -63,21 +65,9 @@ def lint_path(
     for f in files:
         if f.suffix not in PICKLE_SUFFIXES:
             continue
-        for stream, raw in read_pickle_streams(f):
-            scan = scan_pickle(raw)
-            scanned.append({"file": stream, **scan})
-            for g in scan["globals"]:
-                if g["verdict"] != "safe":
-                    findings.append(
-                        _finding(
-                            "risk",
-                            "pickle",
-                            f"{stream} imports {g['module']}.{g['name']} ({g['verdict']}): "
-                            "unpickling it can run code; do not torch.load it without weights_only",
-                        )
-                    )
-            if scan["error"]:
-                findings.append(_finding("warning", "pickle", f"{stream}: {scan['error']}"))
+        for scan in _scan_pickles(f):
+            scanned.append(scan)
+            findings += _pickle_findings(scan)
     report = {
         "path": str(path),
         "files": [str(f) for f in files],
@@ -99,6 +89,40 @@ def lint_path(
     report["findings"] = findings
     report["ok"] = not any(x["severity"] in ("risk", "error") for x in findings)
     return report
+
+
+def _scan_pickles(f: Path) -> list[dict]:
+    # The scan needs the whole file as a seekable stream (zip members, the bytes after the
+    # pickles), and reads it as bytes only; nothing is unpickled.
+    try:
+        with open_binary(f) as handle:
+            return scan_file(handle, f.name)
+    except OSError as e:
+        raise GraftIOError(f"cannot read {f}: {' '.join(str(e).split())}; check the file") from e
+
+
+def _pickle_findings(scan: dict) -> list[dict]:
+    stream = scan["file"]
+    findings = [
+        _finding(
+            "risk",
+            "pickle",
+            f"{stream} imports {g['module']}.{g['name']} ({g['verdict']}): "
+            "unpickling it can run code; do not torch.load it without weights_only",
+        )
+        for g in scan["globals"]
+        if g["verdict"] != "safe"
+    ]
+    findings += [
+        _finding(
+            "risk",
+            "pickle",
+            f"{stream}: {why}; the scan cannot vouch for what unpickling it runs, "
+            "so it is treated as unsafe (do not torch.load it without weights_only)",
+        )
+        for why in scan["issues"]
+    ]
+    return findings
 
 
 def _finding(severity: str, check: str, message: str, tensor: str | None = None) -> dict:
@@ -170,12 +194,19 @@ def _tensor_checks(target, report: dict) -> list[dict]:
 def _claims(path, is_dir: bool, data, task, zoo, tolerance: float, report: dict) -> list[dict]:
     from graft.check.run import measure_accuracy
 
-    card = read_model_card(path) if is_dir else None
-    claims = _accuracy_claims(card or {})
+    try:
+        card = read_model_card(path) if is_dir else None
+    except GraftIOError as e:  # a broken card is a finding, not the end of the lint
+        return [_finding("warning", "claims", f"model card not read: {e}")]
+    notes: list[str] = []
+    claims = _accuracy_claims(card or {}, notes)
+    findings = [_finding("warning", "claims", f"model card: {n}") for n in notes[:5]]
     if not claims:
-        return [_finding("info", "claims", "no accuracy in the model card's model-index")]
+        return [
+            *findings,
+            _finding("info", "claims", "no accuracy in the model card's model-index"),
+        ]
     measured = measure_accuracy(path, task=task, data=data, zoo=zoo)
-    findings = []
     for c in claims:
         gap = c["claimed"] - measured["accuracy"]
         row = {
@@ -198,22 +229,41 @@ def _claims(path, is_dir: bool, data, task, zoo, tolerance: float, report: dict)
     return findings
 
 
-def _accuracy_claims(card: dict) -> list[dict]:
-    """``{"dataset", "claimed"}`` per accuracy metric in ``model-index`` (percent → fraction)."""
+def _accuracy_claims(card: dict, notes: list[str] | None = None) -> list[dict]:
+    """``{"dataset", "claimed"}`` per accuracy metric in ``model-index`` (percent → fraction).
+
+    Entries of the wrong type are skipped; with ``notes``, a line per skipped one is added.
+    """
+    notes = [] if notes is None else notes
     out = []
-    for entry in card.get("model-index") or []:
-        for result in (entry or {}).get("results") or []:
-            dataset = (result or {}).get("dataset") or {}
-            name = dataset.get("name") or dataset.get("type") or "?"
-            for m in result.get("metrics") or []:
+    entries = card.get("model-index")
+    if entries is not None and not isinstance(entries, list):
+        notes.append(f"model-index is not a list ({type(entries).__name__}); claims skipped")
+    for entry in entries if isinstance(entries, list) else []:
+        results = entry.get("results") if isinstance(entry, dict) else None
+        for result in results if isinstance(results, list) else []:
+            if not isinstance(result, dict):
+                continue
+            dataset = result.get("dataset")
+            dataset = dataset if isinstance(dataset, dict) else {}
+            name = " ".join(str(dataset.get("name") or dataset.get("type") or "?").split())[:80]
+            metrics = result.get("metrics")
+            for m in metrics if isinstance(metrics, list) else []:
+                if not isinstance(m, dict):
+                    continue
                 kind = str(m.get("type", "")).lower()
                 value = m.get("value")
-                if "acc" in kind and isinstance(value, int | float):
-                    out.append(
-                        {
-                            "dataset": str(name),
-                            "metric": kind,
-                            "claimed": value / 100 if value > 1 else float(value),
-                        }
-                    )
+                if "acc" not in kind:
+                    continue
+                if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                    shown = repr(value)[:40]
+                    notes.append(f"accuracy claim on {name} is {shown}, not a non-negative number")
+                    continue
+                out.append(
+                    {
+                        "dataset": name,
+                        "metric": kind,
+                        "claimed": value / 100 if value > 1 else float(value),
+                    }
+                )
     return out

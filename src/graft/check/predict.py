@@ -163,8 +163,6 @@ def load_checked(
     )
 
 
-
-
 def label_order(old: Runner, new: Runner) -> tuple[np.ndarray | None, list[str]]:
     """The column order that puts NEW's logits in OLD's label order (None: already), and
     notes.

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from graft.cli._data_opts import (
     JsonOpt,
@@ -24,6 +23,8 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
+from graft.io._atomic import check_output
 from graft.recipe import RecipeError
 
 
@@ -76,7 +77,17 @@ def adamerging(
     max_length: MaxLengthOpt = None,
     pooling: PoolingOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace the outputs if they exist.")
+        bool,
+        typer.Option(
+            "--force", help="Replace the outputs if they exist (--merge: only one graft wrote)."
+        ),
+    ] = False,
+    force_any: Annotated[
+        bool,
+        typer.Option(
+            "--force-overwrite-anything",
+            help="Like --force, but replace the --merge folder even if graft did not write it.",
+        ),
     ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -95,10 +106,15 @@ def adamerging(
         raise RecipeError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
     if lr <= 0:
         raise RecipeError(f"--lr must be > 0, got {lr}")
-    for path in (out, merge_to):
-        if path is not None and path.exists() and not force:
+    force = force or force_any
+    inputs = [base, *models, *(head or []), *(Path(d) for d in data if Path(d).exists())]
+    check_output(out, inputs=inputs, force=force, kind="file")
+    if merge_to is not None:
+        check_output(merge_to, inputs=inputs, force=force, overwrite_anything=force_any)
+        if out.resolve().is_relative_to(merge_to.resolve()):
             raise RecipeError(
-                f"output {path} exists; pass --force to overwrite or choose another path"
+                f"the recipe {out} would be inside the --merge folder {merge_to}; write it "
+                "elsewhere (the merge replaces that folder)"
             )
     options = data_options(text_column, text_pair_column, label_column, limit, require_labels=False)
     tasks = load_tasks(
@@ -143,7 +159,7 @@ def adamerging(
 
         plan = plan_merge(parse_recipe(text))
         try:
-            run_plan(plan, merge_to, force=force)
+            run_plan(plan, merge_to, force=force, overwrite_anything=force_any)
         finally:
             plan.close()
     doc = {
@@ -161,6 +177,6 @@ def adamerging(
         return
     Console().print(
         f"AdaMerging ({mode}-wise, {len(result.groups)} coefficient(s) per task): entropy "
-        f"{result.entropy_initial:.4f} -> {result.entropy_final:.4f}; recipe {escape(str(out))}"
-        + (f", merged into {escape(str(merge_to))}" if merge_to else "")
+        f"{result.entropy_initial:.4f} -> {result.entropy_final:.4f}; recipe {safe(str(out))}"
+        + (f", merged into {safe(str(merge_to))}" if merge_to else "")
     )

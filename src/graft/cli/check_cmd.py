@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from graft.cli._data_opts import (
@@ -29,6 +28,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 
@@ -133,6 +133,14 @@ def check(
     from graft.check.run import check_models, check_predictions
 
     gates = parse_gates(fail_on) if fail_on else []
+    if report is not None:  # before any model runs: the report must not overwrite an input
+        from graft.io._atomic import check_output
+
+        given = (old, new, head, old_head, new_head, old_preds, new_preds, labels, label_probs)
+        given += (old_val_preds, new_val_preds, val_labels)
+        inputs = [p for p in given if p is not None]
+        inputs += [Path(d) for d in (data, val_data) if d is not None and Path(d).exists()]
+        check_output(report, inputs=inputs, force=True, kind="file")
     if scores not in ("auto", "logits", "probabilities"):
         raise RecipeError(f"unknown --scores {scores!r}; valid: auto, logits, probabilities")
     preds = (old_preds, new_preds, labels)
@@ -197,19 +205,18 @@ def check(
 def _print(r: dict, report: Path | None) -> None:
     console = Console()
     console.print(
-        f"[bold]{escape(r['old'])}[/] -> [bold]{escape(r['new'])}[/] on {escape(r['data'])} "
-        f"(n={r['n']})"
+        f"[bold]{safe(r['old'])}[/] -> [bold]{safe(r['new'])}[/] on {safe(r['data'])} (n={r['n']})"
     )
     heads = r.get("heads")
     if heads:
-        console.print(f"heads: old {escape(heads['old'])}, new {escape(heads['new'])}")
+        console.print(f"heads: old {safe(heads['old'])}, new {safe(heads['new'])}")
     table = Table(
         "metric",
         "old",
         "new",
         "old (T-scaled)",
         "new (T-scaled)",
-        title=f"calibration: {r['n_bins']} bins; temperature from {r['temperature_fit']}",
+        title=f"calibration: {r['n_bins']} bins; temperature from {safe(r['temperature_fit'])}",
     )
     o, n = r["models"]["old"], r["models"]["new"]
     for key in ("accuracy", "nll", "brier", "ece", "ece_mass", "mce"):
@@ -227,7 +234,7 @@ def _print(r: dict, report: Path | None) -> None:
     console.print(
         "most negative flips: "
         + ", ".join(
-            f"class {escape(names[c['class']]) if names else c['class']}: "
+            f"class {safe(names[c['class']]) if names else c['class']}: "
             f"{c['negative_flips']} of {c['n']}"
             for c in worst
         )
@@ -235,14 +242,14 @@ def _print(r: dict, report: Path | None) -> None:
     li = r.get("label_issues")
     if li:
         console.print(
-            f"label issues ({escape(r['label_issue_source'])}): {li['n_flagged']} flagged ({li['rate']:.1%}); "
+            f"label issues ({safe(r['label_issue_source'])}): {li['n_flagged']} flagged ({li['rate']:.1%}); "
             f"accuracy old {li['old']['accuracy_all']:.2%} -> {li['old']['accuracy_unflagged']:.2%}, "
             f"new {li['new']['accuracy_all']:.2%} -> {li['new']['accuracy_unflagged']:.2%} "
             "without them; indices in --json"
         )
     else:
-        console.print(f"label issues: {escape(str(r.get('label_issue_source')))}")
+        console.print(f"label issues: {safe(str(r.get('label_issue_source')))}")
     for note in r.get("notes") or []:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {safe(note)}")
     if report is not None:
-        console.print(f"report: {escape(str(report))}")
+        console.print(f"report: {safe(str(report))}")

@@ -12,14 +12,28 @@ import yaml
 from rich.console import Console
 
 from graft.cli._progress import tensor_progress
+from graft.cli._safe import safe
 from graft.delta import get_compressor, passes
+from graft.delta._common import file_output
 from graft.delta.lora import extract_lora as _extract_lora
 from graft.delta.lora import merge_adapters
 from graft.delta.patch import DeltaError
+from graft.io import parse_size
+from graft.io._atomic import check_output
+from graft.plan import resolve_device
 
 THREADS = typer.Option(0, help="Tensors computed at once (0 = cores, at most 4).")
 DEVICE = typer.Option("cpu", help="Device for the math: cpu, cuda, cuda:1, ...")
-FORCE = typer.Option(False, "--force", help="Replace the output if it exists.")
+FORCE = typer.Option(
+    False, "--force", help="Replace the output if it exists (a folder: only one graft wrote)."
+)
+FORCE_ANY = typer.Option(
+    False,
+    "--force-overwrite-anything",
+    help="Like --force, but replace the output folder even if graft did not write it "
+    "(deletes everything in it).",
+)
+STRICT = typer.Option(False, "--strict", help="NaN/Inf in an input is an error.")
 JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 SCALE_HELP = (
@@ -38,11 +52,16 @@ def diff(
     threads: int = THREADS,
     device: str = DEVICE,
     force: bool = FORCE,
+    strict: bool = STRICT,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
-    """Write FINETUNED - BASE as a delta file that records BASE's content hash."""
-    _fresh(out, force)
+    """Write FINETUNED - BASE as a delta file that records BASE's content hash.
+
+    OUT gets the .safetensors extension when it has none (graft reads files by it).
+    """
+    out, notes = _file_out(out)
+    _check(out, [finetuned, base], force, threads, device, kind="file")
     with _bar("diff", quiet) as hook:
         report = passes.diff(
             finetuned,
@@ -52,8 +71,10 @@ def diff(
             threads=threads or None,
             device=device,
             force=force,
+            strict=strict,
             progress=hook,
         )
+    report.notes[:0] = notes
     _done(report, as_json, f"wrote delta {out} ({_mb(report.bytes_on_disk)})")
 
 
@@ -71,11 +92,15 @@ def apply(
     device: str = DEVICE,
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Largest output shard."),
     force: bool = FORCE,
+    force_any: bool = FORCE_ANY,
+    strict: bool = STRICT,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
     """Write BASE + sum of scale x DELTA, one tensor at a time (patches decoded on the fly)."""
-    _fresh(out, force)
+    force = force or force_any
+    _check(out, [base, *deltas], force, threads, device, force_any=force_any)
+    parse_size(out_shard_size, what="--out-shard-size")
     with _bar("apply", quiet) as hook:
         report = passes.apply(
             base,
@@ -87,6 +112,8 @@ def apply(
             device=device,
             max_shard_bytes=out_shard_size,
             force=force,
+            overwrite_anything=force_any,
+            strict=strict,
             progress=hook,
         )
     _done(report, as_json, f"wrote {out} ({report.stats.tensors} tensors)")
@@ -102,6 +129,8 @@ def transfer(
     device: str = DEVICE,
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Largest output shard."),
     force: bool = FORCE,
+    force_any: bool = FORCE_ANY,
+    strict: bool = STRICT,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -110,7 +139,9 @@ def transfer(
     Tensors whose first dimension changed between versions (an extended vocabulary) get
     the delta over the overlapping rows; the summary lists them.
     """
-    _fresh(out, force)
+    force = force or force_any
+    _check(out, [from_base, from_ft, onto], force, threads, device, force_any=force_any)
+    parse_size(out_shard_size, what="--out-shard-size")
     with _bar("transfer", quiet) as hook:
         report = passes.transfer(
             from_base,
@@ -122,6 +153,8 @@ def transfer(
             device=device,
             max_shard_bytes=out_shard_size,
             force=force,
+            overwrite_anything=force_any,
+            strict=strict,
             progress=hook,
         )
     _done(report, as_json, f"wrote {out} ({report.stats.tensors} tensors)")
@@ -144,10 +177,14 @@ def compress(
     threads: int = THREADS,
     device: str = DEVICE,
     force: bool = FORCE,
+    strict: bool = STRICT,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
-    """Compress a delta into a patch; `graft apply` reads patches as it reads deltas."""
+    """Compress a delta into a patch; `graft apply` reads patches as it reads deltas.
+
+    OUT gets the .safetensors extension when it has none.
+    """
     spec = get_compressor(method)
     given = {
         "density": density,
@@ -158,7 +195,8 @@ def compress(
         "energy": energy,
     }
     params = {k: v for k, v in given.items() if v is not None}
-    _fresh(out, force)
+    out, notes = _file_out(out)
+    _check(out, [delta], force, threads, device, kind="file")
     with _bar("compress", quiet) as hook:
         report = passes.compress(
             delta,
@@ -168,8 +206,10 @@ def compress(
             threads=threads or None,
             device=device,
             force=force,
+            strict=strict,
             progress=hook,
         )
+    report.notes[:0] = notes
     _done(
         report,
         as_json,
@@ -187,11 +227,13 @@ def extract_lora(
     threads: int = THREADS,
     device: str = DEVICE,
     force: bool = FORCE,
+    force_any: bool = FORCE_ANY,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
     """Write the rank-r LoRA adapter of FINETUNED - BASE (truncated SVD) as a PEFT folder."""
-    _fresh(out, force)
+    force = force or force_any
+    _check(out, [finetuned, base], force, threads, device, force_any=force_any)
     with _bar("extract-lora", quiet) as hook:
         report = _extract_lora(
             finetuned,
@@ -202,6 +244,7 @@ def extract_lora(
             threads=threads or None,
             device=device,
             force=force,
+            overwrite_anything=force_any,
             progress=hook,
         )
     _done(
@@ -220,20 +263,57 @@ def merge_lora(
     rank: int | None = typer.Option(
         None, help="Re-factorize to this rank by SVD (default: concatenate, exact)."
     ),
+    threads: int = THREADS,
+    device: str = DEVICE,
     force: bool = FORCE,
+    force_any: bool = FORCE_ANY,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Merge LoRA adapters into one: concatenated factors, or SVD to a target rank."""
-    _fresh(out, force)
-    merge_adapters(adapters, out, weights=weight or None, rank=rank, force=force)
-    typer.echo(f"wrote adapter {out}")
+    force = force or force_any
+    _check(out, adapters, force, threads, device, force_any=force_any)
+    with _bar("merge-lora", quiet) as hook:
+        report = merge_adapters(
+            adapters,
+            out,
+            weights=weight or None,
+            rank=rank,
+            threads=threads or None,
+            device=device,
+            force=force,
+            overwrite_anything=force_any,
+            progress=hook,
+        )
+    _done(report, as_json, f"wrote adapter {out} ({report.stats.tensors} layers)")
 
 
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _fresh(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise DeltaError(f"output {out} exists; pass --force to overwrite or choose another path")
+def _check(
+    out: Path,
+    inputs: list[Path],
+    force: bool,
+    threads: int,
+    device: str,
+    *,
+    kind: str = "dir",
+    force_any: bool = False,
+) -> None:
+    """Every argument check that needs no tensor read, before any work starts."""
+    if threads < 0:
+        raise DeltaError(f"--threads must be >= 0, got {threads}")
+    resolve_device(device)
+    check_output(out, inputs=inputs, force=force, overwrite_anything=force_any, kind=kind)
+
+
+def _file_out(out: Path) -> tuple[Path, list[str]]:
+    """OUT with the .safetensors extension graft's readers need, and a note when added."""
+    fixed = file_output(out)
+    if fixed == out:
+        return out, []
+    return fixed, [f"wrote {fixed.name}, not {out.name}: graft reads these files by extension"]
 
 
 def _scales(raw: list[str]) -> list[Any]:
@@ -257,7 +337,7 @@ def _mb(n: int) -> str:
 def _done(report: passes.Report, as_json: bool, line: str) -> None:
     err = Console(stderr=True)
     for w in report.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {safe(w)}")
     summary = {
         "output": str(report.output),
         "tensors": report.stats.tensors,
@@ -268,6 +348,7 @@ def _done(report: passes.Report, as_json: bool, line: str) -> None:
         "overlapped": report.overlapped,
         "untouched": len(report.untouched),
         "warnings": report.warnings,
+        "notes": report.notes,
     }
     if report.bytes_on_disk:
         summary["bytes_on_disk"] = report.bytes_on_disk
@@ -277,9 +358,12 @@ def _done(report: passes.Report, as_json: bool, line: str) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    typer.echo(f"{line} in {report.stats.seconds:.1f}s, {report.stats.gb_per_s:.2f} GB/s")
+    speed = f"{report.stats.seconds:.1f}s, {report.stats.gb_per_s:.2f} GB/s"
+    typer.echo(f"{safe(line, markup=False)} in {speed}")
+    for note in report.notes:
+        typer.echo(f"note: {safe(note, markup=False)}")
     if report.overlapped:
         typer.echo(
             f"shapes differ between versions; transferred over the overlapping rows only: "
-            f"{', '.join(report.overlapped)}"
+            f"{safe(', '.join(report.overlapped), markup=False)}"
         )

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 ZOOS = ("auto", "digits", "text")
@@ -59,7 +59,7 @@ def _digits_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json
     console = Console(stderr=True)
     with console.status("starting") as status:
         result = run_demo(
-            workdir, seed=seed, quick=quick, threads=threads, log=lambda m: status.update(escape(m))
+            workdir, seed=seed, quick=quick, threads=threads, log=lambda m: status.update(safe(m))
         )
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
@@ -108,8 +108,8 @@ def _text_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json: 
     with console.status("starting") as status:
 
         def log(message: str) -> None:
-            status.update(escape(message))
-            console.log(escape(message))
+            status.update(safe(message))
+            console.log(safe(message))
 
         try:
             build_text_zoo(root, seed=seed, quick=quick, log=log)
@@ -140,7 +140,7 @@ def _text_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json: 
             *[f"{100 * row.accuracy[t]:.1f}" for t in result.tasks],
             f"{100 * row.mean():.1f}",
             f"{100 * result.normalized(row):.1f}",
-            escape(row.settings),
+            safe(row.settings),
         )
     out.print(table)
     out.print(

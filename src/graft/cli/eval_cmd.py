@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from graft.cli._data_opts import (
@@ -27,6 +26,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 
@@ -93,9 +93,9 @@ def eval_model(
         doc = {"model": str(model), "split": split, "results": results}
         typer.echo(json.dumps(doc, indent=2, allow_nan=False, default=str))
         return
-    table = Table("data", "accuracy", "loss", "n", title=escape(f"{model}"))
+    table = Table("data", "accuracy", "loss", "n", title=safe(f"{model}"))
     for spec, r in results.items():
-        table.add_row(escape(spec), f"{r['accuracy']:.2%}", f"{r['loss']:.4f}", str(r["n"]))
+        table.add_row(safe(spec), f"{r['accuracy']:.2%}", f"{r['loss']:.4f}", str(r["n"]))
     if len(results) > 1:
         mean = sum(r["accuracy"] for r in results.values()) / len(results)
         table.add_row("mean", f"{mean:.2%}", "", "")

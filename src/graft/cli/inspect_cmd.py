@@ -10,16 +10,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graft.cli._safe import safe
 from graft.io import open_checkpoint
 from graft.plan.arch import count_blocks
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="Model folder, .safetensors or .bin/.pt file."),
+    path: Path = typer.Argument(
+        ..., help="Model folder, .safetensors or .bin/.pt file, or a hub id in the local cache."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
 ) -> None:
     """Show architecture, parameter count, dtypes and tensors of a checkpoint (headers only)."""
+    if not path.exists():  # a hub id (org/name) in the local Hugging Face cache, as merge does
+        from graft.plan.models import resolve_model_path
+        from graft.recipe import ModelRef
+
+        path = resolve_model_path(ModelRef(str(path)), None)
     with open_checkpoint(path) as ckpt:
         infos = [ckpt.info(n) for n in ckpt.names]
         config = ckpt.config or {}
@@ -50,15 +58,16 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
         return
     console = Console()
-    console.print(f"[bold]{summary['path']}[/]")
+    console.print(f"[bold]{safe(summary['path'])}[/]")
     for key in ("architecture", "model_type", "num_layers", "num_tensors"):
-        console.print(f"  {key}: {summary[key]}")
+        console.print(f"  {key}: {safe(summary[key])}")
     console.print(f"  parameters: {summary['num_params']:,} ({summary['bytes'] / 1e9:.3f} GB)")
     for dt, n in summary["params_by_dtype"].items():
-        console.print(f"    {dt}: {n:,}")
+        console.print(f"    {safe(dt)}: {n:,}")
     console.print(f"  files: {len(summary['files'])}")
     if tensors:
         table = Table("tensor", "dtype", "shape")
         for t in summary["tensors"]:
-            table.add_row(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar")
+            shape = "x".join(map(str, t["shape"])) or "scalar"
+            table.add_row(safe(t["name"]), safe(t["dtype"]), shape)
         console.print(table)

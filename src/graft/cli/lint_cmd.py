@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graft.cli._safe import safe
+
 _STYLE = {"risk": "bold red", "error": "red", "warning": "yellow", "info": "dim"}
 
 
@@ -43,23 +45,24 @@ def lint(
 def _print(r: dict) -> None:
     console = Console()
     console.print(
-        f"[bold]{r['path']}[/]: {len(r['files'])} files, {r['tensors']} tensors, "
+        f"[bold]{safe(r['path'])}[/]: {len(r['files'])} files, {r['tensors']} tensors, "
         f"{r['params']:,} parameters, {len(r['pickles'])} pickles scanned"
     )
     if r["findings"]:
         table = Table("severity", "check", "finding")
         for f in r["findings"]:
-            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]", f["check"], f["message"])
+            severity = f"[{_STYLE[f['severity']]}]{f['severity']}[/]"
+            table.add_row(severity, f["check"], safe(f["message"]))
         console.print(table)
     for c in r["conv_layers"]:
         console.print(
-            f"  conv {c['tensor']}: {c['filters']} filters, near zero "
+            f"  conv {safe(c['tensor'])}: {c['filters']} filters, near zero "
             f"{c['near_zero']:.1%}, near constant {c['near_constant']:.1%}"
         )
     for c in r["claims"]:
         console.print(
-            f"  claim {c['claimed']:.2%} on {c['dataset']} vs measured "
-            f"{c['measured']:.2%} on {c['data']} (n={c['n']})"
+            f"  claim {c['claimed']:.2%} on {safe(c['dataset'])} vs measured "
+            f"{c['measured']:.2%} on {safe(c['data'])} (n={c['n']})"
         )
     console.print(
         "[green]no risks or errors[/]" if r["ok"] else "[bold red]risks or errors found[/]"

@@ -10,9 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from graft.cli._progress import tensor_progress
+from graft.cli._safe import safe
 from graft.io import parse_size
-from graft.plan import MergePlan, default_threads, plan_merge, run_plan
+from graft.io._atomic import check_output
+from graft.plan import MergePlan, default_threads, plan_merge, resolve_device, run_plan
 from graft.recipe import RecipeError, load_recipe
+
+FORCE_ANY_HELP = (
+    "Like --force, but replace OUT even if graft did not write it (deletes everything in "
+    "it). Without it, --force replaces only folders graft wrote (they hold a .graft file)."
+)
 
 
 def merge(
@@ -31,7 +38,16 @@ def merge(
     seed: int | None = typer.Option(
         None, help="Seed for random methods (DARE, DELLA); default: the recipe's, else 0."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT if it exists and graft wrote it."
+    ),
+    force_any: bool = typer.Option(False, "--force-overwrite-anything", help=FORCE_ANY_HELP),
+    allow_drop: list[str] = typer.Option(
+        [],
+        "--allow-drop",
+        help="Tensor names (glob, e.g. 'classifier.*'; * crosses dots) that may be left out "
+        "of OUT when some models lack them. Repeatable. Without it such a merge fails.",
+    ),
     strict: bool = typer.Option(False, "--strict", help="NaN/Inf in an input is an error."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan or the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -43,13 +59,18 @@ def merge(
     """
     if threads < 0:
         raise RecipeError("--threads must be >= 0")
-    if out.exists() and not force and not dry_run:
-        raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
-    shard_bytes = parse_size(out_shard_size)
+    force = force or force_any
+    if not dry_run:
+        check_output(out, inputs=[recipe], force=force, overwrite_anything=force_any)
+    shard_bytes = parse_size(out_shard_size, what="--out-shard-size")
+    resolve_device(device)
     parsed = load_recipe(recipe)
-    plan = plan_merge(parsed, seed=seed)
+    plan = plan_merge(parsed, seed=seed, allow_drop=allow_drop)
     console = Console(stderr=as_json)
     try:
+        if not dry_run:
+            inputs = [recipe, *plan.input_paths()]
+            check_output(out, inputs=inputs, force=force, overwrite_anything=force_any)
         if dry_run:
             summary = plan_summary(plan)
             if as_json:
@@ -67,6 +88,7 @@ def merge(
                 device=device,
                 max_shard_bytes=shard_bytes,
                 force=force,
+                overwrite_anything=force_any,
                 strict=strict,
                 progress=hook,
             )
@@ -74,7 +96,7 @@ def merge(
         plan.close()
     err = Console(stderr=True)
     for w in stats.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {safe(w)}")
     result = {
         "output": str(out),
         "method": plan.method.name,
@@ -90,7 +112,7 @@ def merge(
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(
-            f"wrote {out} ({stats.tensors} tensors, {stats.shards} shard(s), "
+            f"wrote {safe(out)} ({stats.tensors} tensors, {stats.shards} shard(s), "
             f"{stats.bytes_written / 1e9:.2f} GB) in {stats.seconds:.1f}s, "
             f"{stats.gb_per_s:.2f} GB/s"
         )
@@ -132,21 +154,38 @@ def plan_summary(plan: MergePlan) -> dict:
             "dtypes": sorted({str(j.out_dtype).replace("torch.", "") for j in plan.jobs}),
         },
         "sample_tensors": samples,
+        "completeness": {
+            "input_tensors": plan.input_tensors,
+            "dropped": len(plan.dropped),
+            "dropped_tensors": [
+                {"model": str(d.model), "tensor": d.name, "reason": d.reason} for d in plan.dropped
+            ],
+        },
         "notes": plan.notes,
     }
 
 
 def _print_plan(console: Console, s: dict) -> None:
-    console.print(f"[bold]plan[/]: {s['method']}, base {s['base_model'] or '(none)'}")
+    console.print(f"[bold]plan[/]: {safe(s['method'])}, base {safe(s['base_model'] or '(none)')}")
     table = Table("model", "tensors", "GB", "dtypes")
     for m in s["models"]:
-        table.add_row(m["model"], str(m["tensors"]), f"{m['bytes'] / 1e9:.3f}", ",".join(m["dtypes"]))
+        gb = f"{m['bytes'] / 1e9:.3f}"
+        table.add_row(safe(m["model"]), str(m["tensors"]), gb, safe(",".join(m["dtypes"])))
     console.print(table)
     o = s["output"]
     console.print(
         f"output: {o['tensors']} tensors ({o['merged']} merged, {o['copied']} copied), "
-        f"{o['num_layers']} layers, {o['bytes'] / 1e9:.3f} GB, dtypes {','.join(o['dtypes'])}"
+        f"{o['num_layers']} layers, {o['bytes'] / 1e9:.3f} GB, dtypes {safe(','.join(o['dtypes']))}"
     )
     for name, info in s["sample_tensors"].items():
-        console.print(f"  {name}: layer={info['layer']} params={info['params']}")
+        console.print(f"  {safe(name)}: layer={info['layer']} params={safe(info['params'])}")
+    c = s["completeness"]
+    console.print(
+        f"input tensors: {c['input_tensors']}, every one used for the output"
+        if not c["dropped"]
+        else f"input tensors: {c['input_tensors']}, {c['dropped']} left out of the output "
+        "(--json lists them and why)"
+    )
+    for note in s["notes"]:
+        console.print(f"note: {safe(note)}")
     console.print("[green]recipe and headers check out; nothing was read or written[/]")

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graft.cli._safe import safe
 from graft.merge import METHODS, REQUIRED
 
 
@@ -27,8 +28,13 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             for p in spec.params
         ]
         rows.append(
-            {"name": spec.name, "base": spec.base, "summary": spec.summary,
-             "paper": spec.paper, "params": params}
+            {
+                "name": spec.name,
+                "base": spec.base,
+                "summary": spec.summary,
+                "paper": spec.paper,
+                "params": params,
+            }
         )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -36,10 +42,14 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     table = Table("method", "base model", "parameters", "what it does", show_lines=True)
     for r in rows:
         ps = ", ".join(
-            p["name"] + ("*" if p["required"] else f"={p['default']}") + (" (per model)" if p["per_model"] else "")
+            p["name"]
+            + ("*" if p["required"] else f"={p['default']}")
+            + (" (per model)" if p["per_model"] else "")
             for p in r["params"]
         )
-        table.add_row(r["name"], r["base"], ps or "-", r["summary"])
+        table.add_row(safe(r["name"]), safe(r["base"]), safe(ps or "-"), safe(r["summary"]))
     console = Console()
     console.print(table)
-    console.print("* required.  Per-model parameters go under each model's parameters: (or globally).")
+    console.print(
+        "* required.  Per-model parameters go under each model's parameters: (or globally)."
+    )

@@ -11,7 +11,6 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from graft.cli._data_opts import (
@@ -27,6 +26,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 
@@ -136,20 +136,20 @@ def _print(doc: dict, names: list[str], sort_by: str) -> None:
         f"{doc['data']}: {doc['num_samples']} samples, {doc['num_classes']} classes; "
         f"sorted by {sort_by}"
     )
-    table = Table("rank", "model", *names, "dim", title=escape(title))
+    table = Table("rank", "model", *names, "dim", title=safe(title))
     table.columns[1].overflow = "fold"
     for r in rows:
         cells = [_fmt(r["scores"][n], bold=n == sort_by) for n in names]
-        table.add_row(str(r["rank"]), escape(short[r["model"]]), *cells, str(r["num_features"]))
+        table.add_row(str(r["rank"]), safe(short[r["model"]]), *cells, str(r["num_features"]))
     console = Console()
     console.print(table)
     if prefix:
-        console.print(f"models under {escape(prefix)}")
+        console.print(f"models under {safe(prefix)}")
     for r in rows:
         for note in r["notes"]:
-            console.print(f"note: {escape(r['model'])}: {escape(note)}")
+            console.print(f"note: {safe(r['model'])}: {safe(note)}")
     for s in doc["skipped"]:
-        console.print(f"skipped: {escape(s)}")
+        console.print(f"skipped: {safe(s)}")
 
 
 def _model_paths(models: list[str] | None, db: Path | None) -> tuple[list[tuple[str, str]], bool]:

@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 import yaml
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from graft.cli._data_opts import (
@@ -27,6 +26,8 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
+from graft.io._atomic import check_output
 from graft.recipe import RecipeError, load_recipe
 
 
@@ -81,8 +82,7 @@ def search(
     from graft.eval.search import parse_param_spec, search_recipe
     from graft.eval.tasks import load_tasks, score
 
-    if out.exists() and not force:
-        raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
+    check_output(out, inputs=[recipe], force=force, kind="file")
     if split not in ("val", "test", "train"):
         raise RecipeError(f"unknown split {split!r}; valid splits: val, test, train")
     grid: dict[str, list] = {}
@@ -98,6 +98,9 @@ def search(
         raise RecipeError(f"the grid has {n_candidates} candidates; narrow it to at most 10000")
     parsed = load_recipe(recipe)
     models, reference = _recipe_models(parsed)
+    inputs = [recipe, *models, *([reference] if reference else []), *(head or [])]
+    inputs += [Path(d) for d in data if Path(d).exists()]
+    check_output(out, inputs=inputs, force=force, kind="file")
     tasks = load_tasks(
         models,
         data,
@@ -177,7 +180,7 @@ def _print(result, tasks, out: Path) -> None:
     table = Table(
         *names,
         "mean acc",
-        *[escape(t.name) for t in tasks],
+        *[safe(t.name) for t in tasks],
         title="held-out accuracy per candidate",
     )
     for row in result.rows:
@@ -192,5 +195,5 @@ def _print(result, tasks, out: Path) -> None:
     console.print(table)
     best = ", ".join(f"{k}={v}" for k, v in result.best["params"].items())
     console.print(
-        f"best: {escape(best)} ({result.best['score']:.2%}); recipe written to {escape(str(out))}"
+        f"best: {safe(best)} ({result.best['score']:.2%}); recipe written to {safe(str(out))}"
     )

@@ -10,7 +10,6 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from graft.cli._data_opts import (
     BatchSizeOpt,
@@ -26,6 +25,8 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
+from graft.io._atomic import check_output
 from graft.recipe import RecipeError
 
 KINDS = ("uniform", "greedy")
@@ -64,7 +65,16 @@ def soup(
     max_length: MaxLengthOpt = None,
     pooling: PoolingOpt = None,
     batch_size: BatchSizeOpt = 32,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT if it exists and graft wrote it.")
+    ] = False,
+    force_any: Annotated[
+        bool,
+        typer.Option(
+            "--force-overwrite-anything",
+            help="Like --force, but replace OUT even if graft did not write it.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -85,9 +95,10 @@ def soup(
         raise RecipeError(f"unknown soup {kind!r}; valid: {', '.join(KINDS)}")
     if len(models) < 2:
         raise RecipeError("a soup needs at least two models")
-    if out.exists() and not force:
-        raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
+    force = force or force_any
     heads = list(head or [])
+    inputs = [*models, *heads, *([Path(data)] if Path(data).exists() else [])]
+    check_output(out, inputs=inputs, force=force, overwrite_anything=force_any)
     if len(heads) not in (0, 1, len(models)):
         raise RecipeError(
             f"{len(heads)} --head for {len(models)} models; give none, one or one each"
@@ -143,7 +154,7 @@ def soup(
     )
     plan = plan_merge(parse_recipe(text))
     try:
-        run_plan(plan, out, threads=threads or None, force=force)
+        run_plan(plan, out, threads=threads or None, force=force, overwrite_anything=force_any)
     finally:
         plan.close()
     if head_files:
@@ -172,12 +183,12 @@ def soup(
     console = Console()
     for m in names:
         if m in alone:
-            console.print(f"  {escape(m)}: {alone[m]:.2%} alone")
+            console.print(f"  {safe(m)}: {alone[m]:.2%} alone")
     for m, a, k in steps:
-        console.print(f"  + {escape(m)}: soup {a:.2%} -> {'kept' if k else 'left out'}")
+        console.print(f"  + {safe(m)}: soup {a:.2%} -> {'kept' if k else 'left out'}")
     console.print(
         f"{kind} soup of {len(chosen)}/{len(names)} models: held-out accuracy "
-        f"{best:.2%}; written to {escape(str(out))}"
+        f"{best:.2%}; written to {safe(str(out))}"
     )
 
 

@@ -22,6 +22,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
+from graft.cli._safe import safe
 from graft.eval.stats import FISHER_TARGETS, KINDS, write_stats
 from graft.recipe import RecipeError
 
@@ -105,4 +106,6 @@ def stats(
             force=force,
             progress=hook,
         )
-    typer.echo(f"wrote {kind} statistics of {model} on {dataset.name} to {path}")
+    typer.echo(
+        safe(f"wrote {kind} statistics of {model} on {dataset.name} to {path}", markup=False)
+    )

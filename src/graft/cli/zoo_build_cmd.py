@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 ZOOS = ("digits", "text")
@@ -50,7 +50,7 @@ def build(
 
     try:
         with console.status(f"building the {zoo} zoo in {root}") as status:
-            log = lambda m: status.update(escape(m)) or console.log(escape(m))  # noqa: E731
+            log = lambda m: status.update(safe(m)) or console.log(safe(m))  # noqa: E731
             if zoo == "digits":
                 from graft.zoo.build import build_zoo
 
@@ -80,7 +80,7 @@ def build(
     )
     for task, row in report["tasks"].items():
         table.add_row(
-            escape(task),
+            safe(task),
             *(f"{row[k]['accuracy']:.1%}" for k in ("probe", "finetuned", "average_merge")),
         )
     m = report["mean_accuracy"]

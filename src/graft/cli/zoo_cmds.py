@@ -10,11 +10,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from graft.cli._safe import safe
 from graft.recipe import RecipeError
 
 zoo_app = typer.Typer(
@@ -70,7 +70,7 @@ def scan(
         typer.echo(
             f"read {report.bytes_read / 1e6:.2f} MB ({per_model / 1e3:.1f} kB per model read)"
         )
-    typer.echo(f"index: {where}")
+    typer.echo(f"index: {safe(where, markup=False)}")
 
 
 @contextmanager
@@ -91,7 +91,7 @@ def _scan_progress(*, enabled: bool):
         task = progress.add_task("scan", total=None, path="")
 
         def hook(done: int, total: int, path: str) -> None:
-            progress.update(task, completed=done, total=total, path=Path(path).name)
+            progress.update(task, completed=done, total=total, path=safe(Path(path).name))
 
         yield hook
 
@@ -140,15 +140,15 @@ def _print_records(records, as_json: bool) -> None:
     for r in records:
         table.add_row(
             str(r.id),
-            escape(short[r.name]),
-            escape(r.architecture or r.model_type or "?"),
+            safe(short[r.name]),
+            safe(r.architecture or r.model_type or "?"),
             _params(r.num_params),
-            ", ".join(r.dtypes) or "",
-            r.format or "",
-            "ok" if r.status == "ok" else f"[red]{escape(r.error or 'error')}[/]",
+            safe(", ".join(r.dtypes)),
+            safe(r.format or ""),
+            "ok" if r.status == "ok" else f"[red]{safe(r.error or 'error')}[/]",
         )
     Console().print(table)
-    under = f" (paths under {prefix})" if prefix else ""
+    under = f" (paths under {safe(prefix, markup=False)})" if prefix else ""
     typer.echo(f"{len(records)} model{'s' if len(records) != 1 else ''}{under}")
 
 
@@ -181,7 +181,7 @@ def show(
         typer.echo(json.dumps(doc, indent=2, default=str))
         return
     console = Console()
-    console.print(f"[bold]{escape(rec.name)}[/] (id {rec.id})")
+    console.print(f"[bold]{safe(rec.name)}[/] (id {rec.id})")
     for key in (
         "path",
         "status",
@@ -196,25 +196,25 @@ def show(
         "scanned_at",
     ):
         if doc.get(key) is not None:
-            console.print(f"  {key}: {escape(str(doc[key]))}")
+            console.print(f"  {key}: {safe(str(doc[key]))}")
     if rec.num_params is not None:
         console.print(f"  parameters: {rec.num_params:,} ({(rec.total_bytes or 0) / 1e9:.3f} GB)")
     for dt, n in rec.dtypes.items():
-        console.print(f"    {dt}: {n:,}")
+        console.print(f"    {safe(dt)}: {n:,}")
     card = rec.card
     for key in ("base_model", "base_model_relation", "license", "pipeline_tag"):
         if card.get(key):
-            console.print(f"  card {key}: {escape(str(card[key]))}")
+            console.print(f"  card {key}: {safe(str(card[key]))}")
     for c in card.get("claims", []):
         console.print(
-            f"  claim: {escape(str(c.get('task')))} on {escape(str(c.get('dataset')))}: "
-            f"{escape(str(c.get('metric')))} = {escape(str(c.get('value')))}"
+            f"  claim: {safe(str(c.get('task')))} on {safe(str(c.get('dataset')))}: "
+            f"{safe(str(c.get('metric')))} = {safe(str(c.get('value')))}"
         )
-    console.print(f"  parent (weights): {escape(doc['lineage']['parent'] or 'none')}")
+    console.print(f"  parent (weights): {safe(doc['lineage']['parent'] or 'none')}")
     for c in doc["lineage"]["children"]:
-        console.print(f"  child (weights): {escape(c)}")
+        console.print(f"  child (weights): {safe(c)}")
     for check in doc["card_checks"]:
-        console.print(f"  card check: {escape(check['message'])}")
+        console.print(f"  card check: {safe(check['message'])}")
 
 
 @zoo_app.command("tree")
@@ -240,12 +240,12 @@ def tree(
     names = {i: short[n] for i, n in names.items()}
     console = Console()
     if prefix:
-        console.print(f"paths under {escape(prefix)}")
+        console.print(f"paths under {safe(prefix)}")
     for fam in lin.families:
         root = next(m for m, p in fam.parents.items() if p is None)
         arch = lin.records[root].architecture or lin.records[root].model_type or "?"
         top = Tree(
-            f"[bold]{escape(names[root])}[/] ({escape(arch)}, {_params(lin.records[root].num_params)})"
+            f"[bold]{safe(names[root])}[/] ({safe(arch)}, {_params(lin.records[root].num_params)})"
         )
         _grow(top, root, fam, names, lin.card_checks)
         _flags(top, root, lin.card_checks)
@@ -255,7 +255,7 @@ def tree(
         for i in lin.singletons:
             for check in lin.card_checks.get(i, []):
                 if check["verdict"] == "disagrees":
-                    console.print(f"  [red]![/] {escape(names[i])}: {escape(check['message'])}")
+                    console.print(f"  [red]![/] {safe(names[i])}: {safe(check['message'])}")
     o = lin.orientation
     if o["declared_related_pairs"]:
         console.print(
@@ -267,7 +267,7 @@ def tree(
 def _grow(node: Tree, mid: int, fam, names, checks) -> None:
     for child in sorted(c for c, p in fam.parents.items() if p == mid):
         sub = node.add(
-            f"{escape(names[child])} [dim](distance {fam.distance[child]:.3g}, ratio {fam.ratio[child]:.2f})[/]"
+            f"{safe(names[child])} [dim](distance {fam.distance[child]:.3g}, ratio {fam.ratio[child]:.2f})[/]"
         )
         _flags(sub, child, checks)
         _grow(sub, child, fam, names, checks)
@@ -276,9 +276,9 @@ def _grow(node: Tree, mid: int, fam, names, checks) -> None:
 def _flags(node: Tree, mid: int, checks) -> None:
     for check in checks.get(mid, []):
         if check["verdict"] == "disagrees":
-            node.add(f"[red]! {escape(check['message'])}[/]")
+            node.add(f"[red]! {safe(check['message'])}[/]")
         elif check["verdict"] in ("ancestor", "unknown"):
-            node.add(f"[yellow]? {escape(check['message'])}[/]")
+            node.add(f"[yellow]? {safe(check['message'])}[/]")
 
 
 def _tree_json(lin, names) -> dict:

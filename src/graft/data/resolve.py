@@ -8,7 +8,6 @@ Zoo tasks: ``--data task:NAME`` reads that task's split from the zoo in ``--zoo`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from graft.data._loading import load_runner
 from graft.data.dataset import DataOptions, Dataset, read_data
 from graft.data.labels import DataError
 from graft.data.runner import Runner
+from graft.io import GraftIOError, read_json
 
 DEFAULT_ZOOS = {"digits": Path("graft-demo/zoo"), "text": Path("graft-demo/text-zoo")}
 
@@ -50,11 +50,12 @@ def zoo_head(zoo: str | os.PathLike | None, task: str | None) -> Path | None:
     if not manifest.is_file():
         return None
     try:
-        heads = json.loads(manifest.read_text(encoding="utf-8")).get("heads", {})
-    except (OSError, ValueError, AttributeError):
-        raise DataError(f"cannot read {manifest}; rebuild the zoo") from None
+        doc = read_json(manifest, fix="rebuild the zoo")
+    except GraftIOError as e:
+        raise DataError(str(e)) from None
+    heads = doc.get("heads") if isinstance(doc, dict) else None
     rel = heads.get(task) if isinstance(heads, dict) else None
-    if not isinstance(rel, str):
+    if not isinstance(rel, str) or "\0" in rel:
         return None
     path = (Path(zoo) / rel).resolve()
     if not path.is_relative_to(Path(zoo).resolve()) or not path.is_file():

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from graft.data.dataset import Dataset
 from graft.data.labels import DataError
+from graft.io import GraftIOError, read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -37,9 +37,9 @@ def zoo_manifest(zoo: str | os.PathLike | None) -> dict:
     if not manifest.is_file():
         return {}
     try:
-        doc = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {manifest}: {e}; rebuild the zoo") from None
+        doc = read_json(manifest, fix="rebuild the zoo")
+    except GraftIOError as e:
+        raise DataError(str(e)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("seed", 0), int):
         raise DataError(f"{manifest} is not a zoo manifest (no integer seed); rebuild the zoo")
     return doc

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from graft import __version__
 from graft.delta.patch import FORMAT_VERSION, DeltaError, Entry
 from graft.io import Checkpoint, ShardedWriter, atomic_output_file
-from graft.plan import RunStats, default_threads, run_pass
+from graft.plan import NonFiniteInputError, RunStats, default_threads, run_pass
+from graft.plan.engine import all_finite
 
 ProgressHook = Callable[[int, int], None]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,6 +34,7 @@ class Report:
         warnings: e.g. a base hash mismatch accepted with ``force_base``.
         bytes_on_disk: size of the output file (compress, diff, extract-lora).
         bytes_before: size of the input delta file (compress).
+        notes: facts about the output worth a line (e.g. tensors stored dense).
     """
 
     stats: RunStats
@@ -41,6 +44,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     bytes_on_disk: int = 0
     bytes_before: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -79,20 +83,63 @@ class PairDelta:
     def nbytes(self, name: str) -> int:
         return self.ft.info(name).nbytes + self.base.info(name).nbytes
 
-    def delta(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    def delta(
+        self, name: str, device: torch.device | str = "cpu", check: FiniteCheck | None = None
+    ) -> torch.Tensor:
+        """``ft - base`` of tensor ``name`` in float32; ``check`` is told which model holds
+        NaN or Inf when the difference is not finite."""
         ft = self.ft.get(name).to(device=device, dtype=torch.float32)
-        return ft - self.base.get(name).to(device=device, dtype=torch.float32)
+        out = ft - self.base.get(name).to(device=device, dtype=torch.float32)
+        if check is not None and not all_finite(out):
+            check(ft, name, f"model {self.ft.path}")
+            check(self.base.get(name), name, f"model {self.base.path}")
+        return out
 
     def replacement(self, name: str) -> torch.Tensor:
         return self.ft.get(name)
 
 
-def write_file(out, entries, meta, order, work, input_bytes, threads, force, progress) -> Report:
+class FiniteCheck:
+    """Reports input tensors holding NaN or Inf, as merges do: a warning each, or with
+    ``strict`` a `NonFiniteInputError`. Thread-safe.
+
+    Args:
+        strict: fail on the first one.
+        fix: the end of the error message (what to do about it).
+    """
+
+    def __init__(self, strict: bool, fix: str = "fix the checkpoint or drop --strict"):
+        self.strict = strict
+        self.fix = fix
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, t: torch.Tensor, name: str, where: str) -> None:
+        if all_finite(t):
+            return
+        msg = f"tensor {name} of {where} contains NaN or Inf"
+        if self.strict:
+            raise NonFiniteInputError(f"{msg}; {self.fix}")
+        with self._lock:
+            self.warnings.append(msg)
+
+
+def file_output(out: str | os.PathLike) -> Path:
+    """``out`` with the ``.safetensors`` extension graft's readers need, added if missing."""
+    out = Path(out)
+    return out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+
+
+def write_file(
+    out, entries, meta, order, work, input_bytes, threads, force, progress, inputs: Sequence = ()
+) -> Report:
     """Stream ``order`` through ``work`` into one safetensors file at ``out``, atomically."""
-    with atomic_output_file(out, force=force) as path:
-        writer = ShardedWriter(
+    with (
+        atomic_output_file(out, force=force, inputs=inputs) as path,
+        ShardedWriter(
             path.parent, entries, max_shard_bytes=1 << 62, metadata=meta, filename=path.name
-        )
+        ) as writer,
+    ):
         stats = run_pass(
             list(order),
             lambda n: work(n, writer),

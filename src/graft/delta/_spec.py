@@ -24,6 +24,9 @@ class Compressor:
         check: problems with the parameters as a whole (message) or None.
         check_tensor: problems with one tensor's shape under the parameters, or None.
         uses_seed: the engine passes a per-tensor seeded ``generator``.
+        needs_finite: NaN or Inf in a delta is an error (the method factorizes it).
+        describe: lines about a finished patch (its layout: tensor -> codec and shape)
+            worth telling the user.
     """
 
     name: str
@@ -36,6 +39,8 @@ class Compressor:
     )
     uses_seed: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    needs_finite: bool = False
+    describe: Callable[[Mapping[str, dict], Mapping[str, Any]], list[str]] | None = None
 
 
 def check_density(value: Any) -> str | None:

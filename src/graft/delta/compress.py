@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from graft.delta import codecs
-from graft.delta._common import ProgressHook, Report
+from graft.delta._common import FiniteCheck, ProgressHook, Report, file_output
 from graft.delta._spec import Compressor
 from graft.delta.patch import DeltaError, open_delta
 from graft.io import SpoolWriter, atomic_output_file
@@ -31,20 +31,27 @@ def compress(
     threads: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    strict: bool = False,
     progress: ProgressHook | None = None,
 ) -> Report:
     """Compress a dense delta file into a patch with ``method`` (see `graft.delta.COMPRESSORS`).
 
     Args:
+        out: the patch file; ``.safetensors`` is appended when it has another extension.
         params: the method's parameters (missing ones take its defaults; unknown ones are
             an error).
+        strict: NaN or Inf in the delta is an error, not a warning. In a matrix that
+            the method factorizes (``Compressor.needs_finite``: lowrank) it always is.
 
     Raises:
         DeltaError: unknown or invalid parameters, an input that is not a dense delta,
-            a tensor the parameters do not fit (e.g. rank too large).
+            a tensor the parameters do not fit, a tensor the method cannot encode.
     """
     dev = resolve_device(device)
     p = _method_params(method, params)
+    out = file_output(out)
+    fix = f"{method.name} cannot factorize it; fix the models and run graft diff again"
+    check, hard = FiniteCheck(strict), FiniteCheck(True, fix)
     src = open_delta(delta)
     try:
         if src.method != "dense":
@@ -67,12 +74,19 @@ def compress(
             else:
                 gen = torch.Generator().manual_seed(tensor_seed(seed, name))
                 value_dtype = src.file.info(entry.parts[""]).dtype
-                codec, parts = method.encode(
-                    src.delta(name, dev),
-                    value_dtype=value_dtype,
-                    generator=gen if method.uses_seed else None,
-                    **p,
+                d = src.delta(name, dev)
+                (hard if method.needs_finite and d.ndim == 2 else check)(
+                    d, name, f"delta {src.path}"
                 )
+                try:
+                    codec, parts = method.encode(
+                        d, value_dtype=value_dtype, generator=gen if method.uses_seed else None, **p
+                    )
+                except torch.linalg.LinAlgError:
+                    raise DeltaError(
+                        f"{method.name} cannot encode tensor {name} of {src.path}: the SVD did "
+                        "not converge (ill-conditioned delta); use another method or --energy"
+                    ) from None
             with lock:
                 layout[name] = {"codec": codec, "shape": list(entry.shape)}
             for part, t in parts.items():
@@ -81,7 +95,10 @@ def compress(
 
         meta = {k: v for k, v in src.metadata.items() if k.startswith("graft_")}
         meta.update(graft_delta_method=method.name, graft_params=json.dumps(p, sort_keys=True))
-        with atomic_output_file(out, force=force) as path, SpoolWriter(path) as writer:
+        with (
+            atomic_output_file(out, force=force, inputs=[delta]) as path,
+            SpoolWriter(path) as writer,
+        ):
             stats = run_pass(
                 list(src.layout),
                 lambda n: work(n, writer),
@@ -90,9 +107,10 @@ def compress(
                 progress=progress,
             )
             writer.finish({**meta, "graft_layout": json.dumps(layout, sort_keys=True)})
-        report = Report(stats, Path(out))
+        report = Report(stats, Path(out), warnings=check.warnings)
         report.bytes_before = os.path.getsize(src.path)
         report.bytes_on_disk = os.path.getsize(out)
+        report.notes = method.describe(layout, p) if method.describe else []
         return report
     finally:
         src.close()

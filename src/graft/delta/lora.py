@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from graft.delta._common import PairDelta, Report, parse_dtype
+from graft.delta._common import FiniteCheck, PairDelta, Report, parse_dtype
 from graft.delta.lowrank import factorize, truncated_svd
 from graft.delta.patch import ADAPTER_PREFIX, Delta, DeltaError, open_delta
 from graft.io import (
@@ -96,15 +96,19 @@ def extract_lora(
     threads: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    overwrite_anything: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Write the rank-``rank`` LoRA adapter of ``finetuned - base`` as a PEFT folder.
 
     Raises:
-        DeltaError: the models do not match, ``rank`` exceeds a target's smaller side, or
-            there is nothing to target.
+        DeltaError: the models do not match, ``rank`` exceeds a target's smaller side,
+            there is nothing to target, or a target's delta holds NaN or Inf (no SVD).
     """
     dev = resolve_device(device)
+    check = FiniteCheck(
+        True, "a LoRA adapter (SVD) cannot be extracted from it; fix the checkpoint"
+    )
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
         pair = PairDelta(ft, b)
         targets = lora_targets(ft)
@@ -132,9 +136,15 @@ def extract_lora(
         dtypes = {e[0]: e[1] for e in entries}
 
         def work(name: str, writer: ShardedWriter) -> int:
-            delta = pair.delta(name, dev)
+            delta = pair.delta(name, dev, check)
             gen = torch.Generator().manual_seed(tensor_seed(0, name))
-            b_, a_ = factorize(delta.T if transpose else delta, rank=rank, generator=gen)
+            try:
+                b_, a_ = factorize(delta.T if transpose else delta, rank=rank, generator=gen)
+            except torch.linalg.LinAlgError:
+                raise DeltaError(
+                    f"cannot extract a LoRA of tensor {name}: the SVD of its delta did not "
+                    "converge (ill-conditioned); exclude it or check the checkpoints"
+                ) from None
             key = ADAPTER_PREFIX + name[: -len(".weight")]
             for part, t in (("A", a_), ("B", b_)):
                 stored = f"{key}.lora_{part}.weight"
@@ -143,22 +153,27 @@ def extract_lora(
 
         modules = [n[: -len(".weight")] for n in targets]
         config = adapter_config(str(base), modules, rank, fan_in_fan_out=transpose)
-        with atomic_output_dir(Path(out), force=force) as tmp:
-            writer = ShardedWriter(
+        with atomic_output_dir(
+            Path(out),
+            force=force,
+            inputs=[finetuned, base],
+            overwrite_anything=overwrite_anything,
+        ) as tmp:
+            with ShardedWriter(
                 tmp,
                 entries,
                 max_shard_bytes=1 << 62,
                 filename=ADAPTER_FILE,
                 metadata={"graft_base_fingerprint": b.fingerprint()},
-            )
-            stats = run_pass(
-                targets,
-                lambda n: work(n, writer),
-                threads=threads or default_threads(),
-                input_bytes=pair.nbytes,
-                progress=progress,
-            )
-            writer.finish()
+            ) as writer:
+                stats = run_pass(
+                    targets,
+                    lambda n: work(n, writer),
+                    threads=threads or default_threads(),
+                    input_bytes=pair.nbytes,
+                    progress=progress,
+                )
+                writer.finish()
             write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         report = Report(stats, Path(out))
         report.untouched = [n for n in ft.names if n not in set(targets)]
@@ -172,19 +187,29 @@ def merge_adapters(
     *,
     weights: Sequence[float] | None = None,
     rank: int | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
     force: bool = False,
-) -> Path:
-    """Merge LoRA adapters of one base into one adapter folder.
+    overwrite_anything: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Merge LoRA adapters of one base into one adapter folder, one module at a time.
 
     Args:
         adapters: PEFT LoRA adapter folders (any ranks, scalings and target sets).
         weights: one per adapter (default 1 each): the merged update is Σ wᵢ ΔWᵢ.
         rank: re-factorize every module's summed update to this rank (truncated SVD);
             None concatenates the factors (exact, rank Σ rᵢ).
+        threads, device, progress: as for `graft.plan.run_plan`.
+        force, overwrite_anything: replace an existing ``out`` (`graft.io.check_output`).
+
+    Returns:
+        The report; ``bytes_on_disk`` is the adapter file's size.
 
     Raises:
         DeltaError: the adapters disagree on ``fan_in_fan_out`` or on a module's shape.
     """
+    dev = resolve_device(device)
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise DeltaError(f"got {len(weights)} weights for {len(adapters)} adapters")
@@ -202,46 +227,87 @@ def merge_adapters(
             raise DeltaError(
                 "the adapters disagree on fan_in_fan_out; they are for different bases"
             )
-        tensors, ranks = {}, {}
-        for name in sorted({n for d in opened for n in d.layout}):
-            b, a = _merged_factors(name, opened, weights, rank)
+        names = sorted({n for d in opened for n in d.layout})
+        planned = {n: _plan_module(n, opened, rank) for n in names}
+        entries = []
+        for name, (rows, cols, r, dtype) in planned.items():
             key = ADAPTER_PREFIX + name[: -len(".weight")]
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
-            ranks[name[: -len(".weight")]] = a.shape[0]
-        top = max(ranks.values())
+            entries += [
+                (f"{key}.lora_A.weight", dtype, (r, cols)),
+                (f"{key}.lora_B.weight", dtype, (rows, r)),
+            ]
+        ranks = {n[: -len(".weight")]: planned[n][2] for n in names}
         config = adapter_config(
             opened[0].metadata.get("graft_base", ""),
             list(ranks),
-            top,
+            max(ranks.values(), default=rank or 1),
             fan_in_fan_out=transposes.pop() if transposes else False,
             ranks=ranks,
         )
-        entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-        with atomic_output_dir(Path(out), force=force) as tmp:
-            with ShardedWriter(tmp, entries, max_shard_bytes=1 << 62, filename=ADAPTER_FILE) as w:
-                for k, t in tensors.items():
-                    w.write(k, t)
+
+        def work(name: str, writer: ShardedWriter) -> int:
+            b, a = _merged_factors(name, opened, weights, rank, dev)
+            key = ADAPTER_PREFIX + name[: -len(".weight")]
+            writer.write(f"{key}.lora_A.weight", a)
+            writer.write(f"{key}.lora_B.weight", b)
+            return (a.numel() + b.numel()) * a.element_size()
+
+        def read_bytes(name: str) -> int:
+            return sum(d.nbytes(name) for d in opened if name in d.layout)
+
+        with atomic_output_dir(
+            Path(out), force=force, inputs=adapters, overwrite_anything=overwrite_anything
+        ) as tmp:
+            with ShardedWriter(
+                tmp, entries, max_shard_bytes=1 << 62, filename=ADAPTER_FILE
+            ) as writer:
+                stats = run_pass(
+                    names,
+                    lambda n: work(n, writer),
+                    threads=threads or default_threads(),
+                    input_bytes=read_bytes,
+                    progress=progress,
+                )
+                writer.finish()
             write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-        return Path(out)
+        report = Report(stats, Path(out))
+        report.bytes_on_disk = os.path.getsize(Path(out) / ADAPTER_FILE)
+        return report
     finally:
         for d in opened:
             d.close()
 
 
-def _merged_factors(name, adapters: list[Delta], weights, rank):
+def _plan_module(name: str, adapters: list[Delta], rank: int | None):
+    """``(rows, cols, rank, dtype)`` of the merged factors B (rows x rank), A (rank x cols)
+    of one module, from the headers; the dtype is the last adapter's, as stored."""
+    shapes, total, dims, dtype = set(), 0, None, torch.float32
+    for d in adapters:
+        entry = d.layout.get(name)
+        if entry is None:
+            continue
+        b, a = (d.file.info(entry.parts[k]) for k in ("B", "A"))
+        shapes.add(entry.shape)
+        total += a.shape[0]
+        dims, dtype = (b.shape[0], a.shape[1]), b.dtype
+    if len(shapes) > 1:
+        raise DeltaError(f"the adapters give {name} different shapes {sorted(shapes)}")
+    rows, cols = dims
+    r = total if rank is None else min(rank, min(rows, total), min(cols, total))
+    return rows, cols, r, dtype
+
+
+def _merged_factors(name, adapters: list[Delta], weights, rank, device="cpu"):
     """(B, A) of Σ wᵢ sᵢ Bᵢ Aᵢ for one module, concatenated or re-factorized."""
-    bs, as_, shapes, dtype = [], [], set(), torch.float32
+    bs, as_, dtype = [], [], torch.float32
     for d, w in zip(adapters, weights, strict=True):
         entry = d.layout.get(name)
         if entry is None:
             continue
         parts = d.read_parts(name)
         dtype = parts["B"].dtype
-        bs.append(parts["B"].float() * (w * entry.scale))
-        as_.append(parts["A"].float())
-        shapes.add(entry.shape)
-    if len(shapes) > 1:
-        raise DeltaError(f"the adapters give {name} different shapes {sorted(shapes)}")
+        bs.append(parts["B"].to(device=device, dtype=torch.float32) * (w * entry.scale))
+        as_.append(parts["A"].to(device=device, dtype=torch.float32))
     b, a = torch.cat(bs, 1), torch.cat(as_, 0)
     if rank is not None:
         qb, rb = torch.linalg.qr(b)
@@ -249,7 +315,9 @@ def _merged_factors(name, adapters: list[Delta], weights, rank):
         u, s, vh = truncated_svd(rb @ ra.T, rank=min(rank, rb.shape[0], ra.shape[0]))
         root = s.sqrt()
         b, a = qb @ (u * root), (root[:, None] * vh) @ qa.T
-    return b.to(dtype).contiguous(), a.to(dtype).contiguous()
+    return b.to(device="cpu", dtype=dtype).contiguous(), a.to(
+        device="cpu", dtype=dtype
+    ).contiguous()
 
 
 class AdaptedCheckpoint:
@@ -274,6 +342,7 @@ class AdaptedCheckpoint:
                 )
         self.base, self.adapter = base, adapter
         self.path, self.root, self.names = base.path, base.root, base.names
+        self.modules_root = base.modules_root
         self.metadata = base.metadata
 
     def __repr__(self) -> str:

@@ -7,9 +7,12 @@ and ``A = S_r^{1/2} V_rᵀ`` (r x in), the factor split PEFT's LoRA uses. Other 
 
 Conventions that change results:
 
-* ``rank``: the same r for every 2-D tensor (an error where r exceeds a matrix's smaller
-  side). ``energy``: per tensor, the smallest r whose singular values keep that fraction
-  of ‖δ‖²_F (so different tensors get different ranks). Give exactly one.
+* ``rank``: the same r for every 2-D tensor, clamped per tensor: a matrix whose smaller
+  side is at most r is stored dense (exact, and no larger than factors of that rank
+  would be). ``energy``: per tensor, the smallest r whose singular values keep that
+  fraction of ‖δ‖²_F (so different tensors get different ranks). Give exactly one.
+* NaN or Inf in a delta is an error (no SVD of it exists), checked where the delta is
+  read.
 * Matrices whose smaller side exceeds 256 are factorized by randomized SVD (Halko et al.
   2011, Alg. 4.4: 10 oversamples, 2 power iterations) when the rank sought is under a
   quarter of that side, else by full SVD. The Gaussian test matrix comes from the seeded
@@ -88,8 +91,9 @@ def lowrank(
     energy: float | None = None,
     seed: int = 0,
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """Encode one float32 delta: ``("lowrank", {B, A})`` for 2-D, ``("dense", ...)`` else."""
-    if delta.ndim != 2:
+    """Encode one float32 delta: ``("lowrank", {B, A})`` for 2-D, ``("dense", ...)`` for
+    other tensors and for matrices whose smaller side is at most ``rank``."""
+    if delta.ndim != 2 or (rank is not None and rank >= min(delta.shape)):
         return "dense", {"": delta.to(value_dtype).cpu()}
     b, a = factorize(delta, rank=rank, energy=energy, generator=generator)
     return "lowrank", {"B": b.to(value_dtype).cpu(), "A": a.to(value_dtype).cpu()}
@@ -106,14 +110,14 @@ def _check(p: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_tensor(name: str, shape: tuple[int, ...], p: dict[str, Any]) -> str | None:
-    rank = p["rank"]
-    if rank is not None and len(shape) == 2 and rank > min(shape):
-        return (
-            f"--rank {rank} is larger than tensor {name} {tuple(shape)} allows (at most "
-            f"{min(shape)}); choose a smaller rank or use --energy"
-        )
-    return None
+def _describe(layout: dict[str, dict], p: dict[str, Any]) -> list[str]:
+    dense = [n for n, e in layout.items() if e["codec"] == "dense" and len(e["shape"]) == 2]
+    if p["rank"] is None or not dense:
+        return []
+    return [
+        f"{len(dense)} matrices have a side of at most --rank {p['rank']} and are stored "
+        f"dense (exact), e.g. {dense[0]}"
+    ]
 
 
 SPEC = Compressor(
@@ -122,6 +126,7 @@ SPEC = Compressor(
     params={"rank": None, "energy": None, "seed": 0},
     encode=lowrank,
     check=_check,
-    check_tensor=_check_tensor,
     uses_seed=True,
+    needs_finite=True,
+    describe=_describe,
 )

@@ -20,11 +20,13 @@ import yaml
 
 from graft import __version__
 from graft.delta._common import (
+    FiniteCheck,
     PairDelta,
     ProgressHook,
     Report,
     common_dtype,
     delta_metadata,
+    file_output,
     parse_dtype,
     write_file,
 )
@@ -58,22 +60,27 @@ def diff(
     threads: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    strict: bool = False,
     progress: ProgressHook | None = None,
 ) -> Report:
     """Write ``finetuned - base`` as a dense delta file (see `graft.delta.patch`).
 
     Args:
         finetuned, base: model folders or files with the same tensors and shapes.
-        out: the delta ``.safetensors`` file.
+        out: the delta file; ``.safetensors`` is appended when it has another extension,
+            since graft reads files by their extension (`Report.output` is the path).
         dtype: dtype of the stored delta (float32, float16, bfloat16); default: each
             tensor's own dtype in the fine-tune.
-        threads, device, force, progress: as for `graft.plan.run_plan`.
+        threads, device, force, strict, progress: as for `graft.plan.run_plan` (NaN or
+            Inf in either model is a warning, or with ``strict`` an error).
 
     Raises:
         DeltaError: the models do not match. GraftIOError: a file problem.
     """
     dev = resolve_device(device)
     value_dtype = parse_dtype(dtype)
+    out = file_output(out)
+    check = FiniteCheck(strict)
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
         pair = PairDelta(ft, b)
         outs = {n: value_dtype or ft.info(n).dtype for n in ft.names}
@@ -90,12 +97,17 @@ def diff(
             if entry.codec == "replace":
                 t = pair.replacement(name)
             else:
-                t = pair.delta(name, dev).to(device="cpu", dtype=outs[name])
+                t = pair.delta(name, dev, check).to(device="cpu", dtype=outs[name])
             writer.write(name, t.contiguous())
             return t.numel() * t.element_size()
 
         entries = [(n, outs[n], pair.layout[n].shape) for n in ft.names]
-        return write_file(out, entries, meta, ft.names, work, pair.nbytes, threads, force, progress)
+        report = write_file(
+            out, entries, meta, ft.names, work, pair.nbytes, threads, force, progress,
+            inputs=[finetuned, base],
+        )  # fmt: skip
+        report.warnings += check.warnings
+        return report
 
 
 # --- apply / transfer --------------------------------------------------------------------
@@ -120,6 +132,8 @@ def apply(
     device: str = "cpu",
     max_shard_bytes: int | str = 5_000_000_000,
     force: bool = False,
+    overwrite_anything: bool = False,
+    strict: bool = False,
     progress: ProgressHook | None = None,
 ) -> Report:
     """Write ``base + Σ scaleᵢ·deltaᵢ`` as a model folder (config and tokenizer from base).
@@ -131,6 +145,8 @@ def apply(
             gradient over layers (``[0.5, 1.0]``) or ``{filter, value}`` entries, as in
             merge recipes.
         force_base: apply even where a delta records another base's hash (warns).
+        force, overwrite_anything: replace an existing ``out`` (`graft.io.check_output`).
+        strict: NaN or Inf in the base or a delta is an error, not a warning.
 
     Raises:
         DeltaError: hash or shape mismatch, a corrupt patch, bad scales.
@@ -148,10 +164,13 @@ def apply(
                 out,
                 "apply",
                 [str(d) for d in deltas],
+                inputs=[base, *deltas],
                 threads=threads,
                 device=device,
                 max_shard_bytes=max_shard_bytes,
                 force=force,
+                overwrite_anything=overwrite_anything,
+                strict=strict,
                 progress=progress,
             )
             report.warnings[:0] = warnings
@@ -172,12 +191,15 @@ def transfer(
     device: str = "cpu",
     max_shard_bytes: int | str = 5_000_000_000,
     force: bool = False,
+    overwrite_anything: bool = False,
+    strict: bool = False,
     progress: ProgressHook | None = None,
 ) -> Report:
     """Write ``onto + scale·(from_ft - from_base)`` in one pass, never writing the delta.
 
     Tensors whose first dimension differs between the versions (an extended vocabulary)
-    get the delta over the overlapping rows; `Report.overlapped` lists them.
+    get the delta over the overlapping rows; `Report.overlapped` lists them. NaN or Inf
+    in any of the three models is a warning, or with ``strict`` an error.
     """
     with (
         open_checkpoint(from_base) as b1,
@@ -192,10 +214,13 @@ def transfer(
             out,
             "transfer",
             [str(from_ft), str(from_base)],
+            inputs=[from_base, from_ft, onto],
             threads=threads,
             device=device,
             max_shard_bytes=max_shard_bytes,
             force=force,
+            overwrite_anything=overwrite_anything,
+            strict=strict,
             progress=progress,
         )
 
@@ -225,17 +250,22 @@ def _add(
     scales,
     out,
     verb,
-    inputs,
+    names,
     *,
+    inputs,
     threads,
     device,
     max_shard_bytes,
     force,
+    overwrite_anything,
+    strict,
     progress,
 ) -> Report:
     dev = resolve_device(device)
     settings = _scale_settings(scales, len(sources))
     jobs, overlapped, untouched = _plan_add(base, sources, settings)
+    check = FiniteCheck(strict)
+    warnings: list[str] = []
 
     def work(job: _AddJob, writer: ShardedWriter) -> int:
         if job.replace is not None:
@@ -244,8 +274,9 @@ def _add(
             t = base.get(job.name)
         else:
             acc = base.get(job.name).to(device=dev, dtype=torch.float32)
+            check(acc, job.name, f"model {base.path}")
             for i, scale, rows in job.terms:
-                d = sources[i].delta(job.name, dev)
+                d = _delta(sources[i], job.name, dev, check)
                 target = acc if rows is None else acc[:rows]
                 target.add_(d if rows is None else d[:rows], alpha=scale)
             t = acc.to(device="cpu", dtype=job.dtype)
@@ -261,28 +292,32 @@ def _add(
         {
             "graft": verb,
             "base": str(base.path),
-            "inputs": inputs,
+            "inputs": names,
             "scales": [_plain(s) for s in scales],
         },
         sort_keys=False,
     )
-    with atomic_output_dir(Path(out), force=force) as tmp:
-        writer = ShardedWriter(
+    with atomic_output_dir(
+        Path(out), force=force, inputs=inputs, overwrite_anything=overwrite_anything
+    ) as tmp:
+        with ShardedWriter(
             tmp,
             entries,
             max_shard_bytes=max_shard_bytes,
             metadata={"graft_version": __version__, "graft_method": verb},
-        )
-        stats = run_pass(
-            jobs,
-            lambda j: work(j, writer),
-            threads=threads or default_threads(),
-            input_bytes=read_bytes,
-            progress=progress,
-        )
-        writer.finish()
+        ) as writer:
+            stats = run_pass(
+                jobs,
+                lambda j: work(j, writer),
+                threads=threads or default_threads(),
+                input_bytes=read_bytes,
+                progress=progress,
+            )
+            writer.finish()
         stats.shards = len(writer.files)
-        copy_sidecar_files(base.root, tmp, config=base.config)
+        copy_sidecar_files(
+            base.root, tmp, config=base.config, warn=warnings.append, modules_root=base.modules_root
+        )
         write_model_card(
             tmp,
             base_models=[str(base.path)],
@@ -291,7 +326,16 @@ def _add(
             recipe_yaml=card,
             title=f"graft {verb} onto {Path(base.path).name}",
         )
-    return Report(stats, Path(out), overlapped, untouched)
+    return Report(stats, Path(out), overlapped, untouched, warnings=check.warnings + warnings)
+
+
+def _delta(source, name: str, dev, check: FiniteCheck) -> torch.Tensor:
+    """One source's float32 delta of ``name``, NaN/Inf reported with the file holding it."""
+    if isinstance(source, PairDelta):
+        return source.delta(name, dev, check)
+    d = source.delta(name, dev)
+    check(d, name, f"delta {source.path}")
+    return d
 
 
 def _plan_add(base: Checkpoint, sources, settings) -> tuple[list[_AddJob], list[str], list[str]]:

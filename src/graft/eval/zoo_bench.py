@@ -242,8 +242,9 @@ def run_bench(
     from graft.merge import METHODS
 
     start = time.perf_counter()
-    b = _Bench(zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log,
-               save_to=save_to)
+    b = _Bench(
+        zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log, save_to=save_to
+    )
     wanted = set(methods) if methods is not None else None
     rows = _references(b)
     best: dict[str, float] = {}

@@ -5,7 +5,14 @@ Reading is lazy and per tensor (`open_checkpoint`); writing is memory-flat and a
 """
 
 from graft.io._adapter import Adapter, is_adapter_dir, open_adapter
-from graft.io._atomic import atomic_output_dir, atomic_output_file
+from graft.io._atomic import (
+    MARKER,
+    atomic_output_dir,
+    atomic_output_file,
+    check_output,
+    is_graft_output,
+    remove_stale_temps,
+)
 from graft.io._checkpoint import Checkpoint, open_checkpoint
 from graft.io._discover import (
     CachedSnapshot,
@@ -18,11 +25,13 @@ from graft.io._discover import (
 from graft.io._errors import GraftIOError
 from graft.io._format import TensorInfo, read_safetensors_header
 from graft.io._readers import (
+    load_yaml,
     model_files,
+    open_binary,
     read_arrays,
     read_dataset,
+    read_json,
     read_model_card,
-    read_pickle_streams,
 )
 from graft.io._sample import fingerprint_nbytes, header_nbytes, read_rows
 from graft.io._sidecar import (
@@ -30,6 +39,7 @@ from graft.io._sidecar import (
     copy_sidecar_files,
     copy_tokenizer,
     recipe_hash,
+    safe_source,
     write_model_card,
     write_text,
 )
@@ -41,19 +51,22 @@ from graft.io._state_dict import (
     save_state_dict,
     save_statistics,
 )
-from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, parse_size
+from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, SizeError, parse_size
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
+    "MARKER",
     "Adapter",
     "CachedSnapshot",
     "Checkpoint",
     "GraftIOError",
     "ShardedWriter",
+    "SizeError",
     "SpoolWriter",
     "TensorInfo",
     "atomic_output_dir",
     "atomic_output_file",
+    "check_output",
     "copy_sentence_transformers_files",
     "copy_sidecar_files",
     "copy_tokenizer",
@@ -63,22 +76,27 @@ __all__ = [
     "fingerprint_nbytes",
     "header_nbytes",
     "is_adapter_dir",
+    "is_graft_output",
     "is_hf_cache",
     "is_model_dir",
     "load_state_dict",
+    "load_yaml",
     "mmap_state_dict",
     "model_files",
     "open_adapter",
+    "open_binary",
     "open_checkpoint",
     "open_db",
     "parse_size",
     "read_arrays",
     "read_dataset",
+    "read_json",
     "read_model_card",
-    "read_pickle_streams",
     "read_rows",
     "read_safetensors_header",
     "recipe_hash",
+    "remove_stale_temps",
+    "safe_source",
     "save_state_dict",
     "save_statistics",
     "scan_hf_cache",

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from graft.io._checkpoint import Checkpoint, open_checkpoint
 from graft.io._errors import GraftIOError
+from graft.io._readers import _show, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# LoRA ranks are at most a few thousand; alpha is a scale of similar size.
+MAX_RANK = 1_000_000
+MAX_ALPHA = 1e9
 
 
 @dataclass
@@ -51,20 +56,16 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
             f"{d} is not a PEFT adapter folder ({ADAPTER_CONFIG} missing); "
             "give the folder that `save_pretrained` wrote"
         )
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GraftIOError(f"cannot parse {cfg_path}: {e}; fix or re-save the adapter") from e
+    config = read_json(cfg_path, fix="fix or re-save the adapter")
     if not isinstance(config, dict):
         raise GraftIOError(f"{cfg_path} is not a JSON object; fix or re-save the adapter")
     kind = config.get("peft_type")
     if kind != "LORA":
+        ok = isinstance(kind, str) and kind.isprintable() and 0 < len(kind) <= 40
         raise GraftIOError(
-            f"{d} is a {kind or 'unknown'} adapter; graft applies LoRA adapters only"
+            f"{d} is a {kind if ok else 'unknown'} adapter; graft applies LoRA adapters only"
         )
-    r = config.get("r")
-    if not isinstance(r, int) or r <= 0 or not isinstance(config.get("lora_alpha"), int | float):
-        raise GraftIOError(f"{cfg_path} lacks a positive integer r or a numeric lora_alpha")
+    _check_lora_config(config, cfg_path)
     weights = next((d / n for n in ADAPTER_WEIGHTS if (d / n).is_file()), None)
     if weights is None:
         raise GraftIOError(
@@ -72,3 +73,40 @@ def open_adapter(path: str | os.PathLike) -> Adapter:
             "re-save the adapter"
         )
     return Adapter(d, config, open_checkpoint(weights))
+
+
+def _check_lora_config(config: dict, path: Path) -> None:
+    """The fields graft applies an adapter with: r, lora_alpha and their per-module
+    overrides (``rank_pattern`` / ``alpha_pattern``: module-name regex -> number)."""
+    fix = "fix or re-save the adapter"
+    if not _is_rank(config.get("r")) or not _is_alpha(config.get("lora_alpha")):
+        raise GraftIOError(
+            f"{path} lacks a positive integer r (at most {MAX_RANK:,}) or a finite numeric "
+            f"lora_alpha; {fix}"
+        )
+    for key, valid in (("rank_pattern", _is_rank), ("alpha_pattern", _is_alpha)):
+        table = config.get(key)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise GraftIOError(f"{path}: {key} is {_show(table)}, expected an object; {fix}")
+        for pattern, value in table.items():
+            try:
+                re.compile(rf"(.*\.)?{pattern}")  # as graft.delta.patch.lora_scale matches
+            except (re.error, RecursionError, OverflowError):
+                raise GraftIOError(
+                    f"{path}: {key} key {_show(pattern)} is not a valid pattern; {fix}"
+                ) from None
+            if not valid(value):
+                raise GraftIOError(
+                    f"{path}: {key}[{_show(pattern)}] is {_show(value)}, expected a positive "
+                    f"{'integer' if valid is _is_rank else 'finite number'}; {fix}"
+                )
+
+
+def _is_rank(r: object) -> bool:
+    return type(r) is int and 0 < r <= MAX_RANK
+
+
+def _is_alpha(a: object) -> bool:
+    return type(a) in (int, float) and math.isfinite(a) and abs(a) <= MAX_ALPHA

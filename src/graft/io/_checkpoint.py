@@ -3,20 +3,63 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
 from graft.io._errors import GraftIOError
 from graft.io._format import Header, TensorInfo, parse_header
+from graft.io._readers import _show, open_regular, read_json
 
 # Files of a Hugging Face model dir, in the order we prefer them.
 _ST_INDEX, _ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _PT_INDEX, _PT_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_MODULES = "modules.json"  # sentence-transformers
+_HUB_REPOS = ("models--", "datasets--")  # repo folders of the Hugging Face hub cache
+
+# config.json fields graft reads (`graft.plan.arch.LAYER_COUNT_KEYS` counts blocks; widths
+# and counts size models), with the largest value accepted: far above any real model, far
+# below what would make a loop over layers or an allocation run away. null means unset.
+MAX_LAYERS = 100_000
+CONFIG_COUNT_LIMITS = {
+    "num_hidden_layers": MAX_LAYERS,
+    "n_layer": MAX_LAYERS,
+    "num_layers": MAX_LAYERS,
+    "n_layers": MAX_LAYERS,
+    "num_attention_heads": 100_000,
+    "n_head": 100_000,
+    "hidden_size": 10_000_000,
+    "n_embd": 10_000_000,
+    "d_model": 10_000_000,
+    "vocab_size": 100_000_000,
+}
+
+
+def _is_count(limit: int):
+    return lambda v: type(v) is int and 0 <= v <= limit
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# What each config.json field graft reads must be (null always means "unset").
+_CONFIG_CHECKS = {
+    **{
+        key: (_is_count(limit), f"a whole number from 0 to {limit:,}")
+        for key, limit in CONFIG_COUNT_LIMITS.items()
+    },
+    **{
+        key: (lambda v: isinstance(v, str), "a string")
+        for key in ("model_type", "torch_dtype", "dtype")
+    },
+    "architectures": (_is_str_list, "a list of class names"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),  # plan.arch
+}
 
 # Tensors are read with pread into fresh memory rather than viewed through a memory map:
 # the process then holds only the tensors in flight, whereas mapped pages stay resident
@@ -32,7 +75,10 @@ class Checkpoint:
     Attributes:
         path: the path as given to `open_checkpoint`.
         root: the model directory (holding config.json, tokenizer files), or None for a
-            bare file.
+            bare file. For the older sentence-transformers layout it is the Transformer
+            module's folder (``0_Transformer/``).
+        modules_root: for that older layout only, the sentence-transformers folder around
+            `root` (holding ``modules.json``, the pooling module...); else None.
         names: tensor names in file order (shard by shard, then by position in the file).
         metadata: the safetensors ``__metadata__`` of the first file ({} for torch files).
     """
@@ -50,6 +96,7 @@ class Checkpoint:
     ):
         self.path = path
         self.root = root
+        self.modules_root: Path | None = None
         self.names = [i.name for i in infos]
         self.metadata = metadata or {}
         self._infos = {i.name: i for i in infos}
@@ -90,7 +137,13 @@ class Checkpoint:
 
     @property
     def config(self) -> dict | None:
-        """The parsed config.json of `root`, or None when there is none."""
+        """The parsed config.json of `root`, or None when there is none.
+
+        Raises:
+            GraftIOError: config.json is not a JSON object within graft's limits, or a
+                field graft reads has the wrong type or an absurd value
+                (`CONFIG_COUNT_LIMITS`).
+        """
         if not self._config_read:
             self._config = _read_config(self.root)
             self._config_read = True
@@ -183,10 +236,7 @@ class Checkpoint:
 
 
 def _open_file(file: Path, expected_size: int) -> int:
-    try:
-        fd = os.open(file, os.O_RDONLY)
-    except OSError as e:
-        raise GraftIOError(f"cannot open {file}: {e.strerror}; check the file") from e
+    fd = open_regular(file)
     if os.fstat(fd).st_size != expected_size:
         os.close(fd)
         raise GraftIOError(f"{file} changed on disk since it was opened; open the checkpoint again")
@@ -208,12 +258,15 @@ def _read_config(root: Path | None) -> dict | None:
     if root is None or not (root / "config.json").is_file():
         return None
     path = root / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GraftIOError(f"cannot parse {path}: {e}; fix or re-download it") from e
+    config = read_json(path, fix="fix or re-download it")
     if not isinstance(config, dict):
         raise GraftIOError(f"{path} is not a JSON object; fix or re-download it")
+    for key, (valid, want) in _CONFIG_CHECKS.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
+            raise GraftIOError(
+                f"{path}: {key} is {_show(value)}, expected {want}; fix or re-download it"
+            )
     return config
 
 
@@ -223,7 +276,12 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     Accepts a Hugging Face model dir (``model.safetensors``, sharded safetensors with
     ``model.safetensors.index.json``, or ``pytorch_model.bin`` / its sharded index), a
     single ``.safetensors`` file, or a ``.bin``/``.pt``/``.pth`` file. Torch files are read
-    only with ``torch.load(weights_only=True, mmap=True)``, which refuses pickled code.
+    only with ``torch.load(weights_only=True)``, which refuses pickled code (memory-mapped,
+    except legacy non-zip files). A sentence-transformers folder in the older layout, whose
+    ``modules.json`` puts the transformer in ``0_Transformer/``, is read from there
+    (`Checkpoint.root` is that folder, `Checkpoint.modules_root` the folder given).
+    Weight files of a model folder must resolve inside it (symlinks to Hugging Face cache
+    blobs excepted); only regular files are read.
 
     Raises:
         GraftIOError: the path is missing, holds nothing loadable, is a PEFT adapter, or a
@@ -245,16 +303,13 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _open_dir(d: Path) -> Checkpoint:
-    if (d / _ST_INDEX).is_file():
-        names, shards = _read_index(d / _ST_INDEX)
-        return _open_safetensors(d, d, shards, names)
-    if (d / _ST_SINGLE).is_file():
-        return _open_safetensors(d, d, [d / _ST_SINGLE], None)
-    if (d / _PT_INDEX).is_file():
-        names, shards = _read_index(d / _PT_INDEX)
-        return _open_torch(d, d, shards, names)
-    if (d / _PT_SINGLE).is_file():
-        return _open_torch(d, d, [d / _PT_SINGLE], None)
+    ckpt = _open_model_files(d, d)
+    if ckpt is not None:
+        return ckpt
+    module = transformer_module_dir(d)
+    if module is not None and (ckpt := _open_model_files(d, module)) is not None:
+        ckpt.modules_root = d
+        return ckpt
     if (d / "adapter_config.json").is_file():
         raise GraftIOError(
             f"{d} is a PEFT adapter (adapter_config.json), not a full checkpoint; "
@@ -268,22 +323,95 @@ def _open_dir(d: Path) -> Checkpoint:
     )
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
-    """The index's name -> shard file map, and the shard paths in name order."""
+def _open_model_files(path: Path, d: Path) -> Checkpoint | None:
+    """The checkpoint whose Hugging Face files are in ``d``, or None when there are none."""
+    if (d / _ST_INDEX).is_file():
+        names, shards = _read_index(d / _ST_INDEX)
+        return _open_safetensors(path, d, shards, names)
+    if (d / _ST_SINGLE).is_file():
+        return _open_safetensors(path, d, [_inside(d, d / _ST_SINGLE)], None)
+    if (d / _PT_INDEX).is_file():
+        names, shards = _read_index(d / _PT_INDEX)
+        return _open_torch(path, d, shards, names)
+    if (d / _PT_SINGLE).is_file():
+        return _open_torch(path, d, [_inside(d, d / _PT_SINGLE)], None)
+    return None
+
+
+def transformer_module_dir(d: Path) -> Path | None:
+    """The Transformer module folder of a sentence-transformers folder in the older layout
+    (``modules.json`` names a Transformer module with a path of its own, ``0_Transformer``,
+    which holds the weights, config and tokenizer); None for any other folder.
+
+    Raises:
+        GraftIOError: ``modules.json`` is malformed or names a path outside ``d``.
+    """
+    modules = d / _MODULES
+    if not modules.is_file():
+        return None
+    doc = read_json(modules, fix="fix or remove it")
+    if not isinstance(doc, list):
+        raise GraftIOError(f"{modules} is not a list of modules; fix or remove it")
+    for entry in doc:
+        if not isinstance(entry, dict) or not str(entry.get("type", "")).endswith("Transformer"):
+            continue
+        sub = entry.get("path")
+        if not isinstance(sub, str) or not sub:
+            return None  # the transformer's files are in d itself
+        if Path(sub).is_absolute() or ".." in Path(sub).parts or "\0" in sub:
+            raise GraftIOError(f"{modules} names module path {_show(sub)} outside {d}; fix it")
+        folder = d / sub
+        return _inside(d, folder) if folder.is_dir() else None
+    return None
+
+
+def _inside(folder: Path, file: Path) -> Path:
+    """``file``, once checked to resolve inside ``folder`` or to a blob of a Hugging Face
+    hub cache (``.../models--org--name/blobs/HASH``, where the hub links snapshot files
+    and older ``local_dir`` downloads): neither a symlink nor an index entry can make graft
+    read a file from anywhere else on the machine."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GraftIOError(f"cannot parse {index}: {e!r}; re-download the checkpoint") from e
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
-    ):
-        raise GraftIOError(f"{index} has a malformed weight_map; re-download the checkpoint")
+        real, top = file.resolve(), folder.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise GraftIOError(f"cannot resolve {file}: {e}; fix the link") from None
+    blob = real.parent.name == "blobs" and real.parent.parent.name.startswith(_HUB_REPOS)
+    if not (blob or real == top or real.is_relative_to(top)):
+        raise GraftIOError(
+            f"{file} resolves to {real}, outside the model folder {folder}; graft reads only "
+            "files inside a model folder (or Hugging Face cache blobs): copy the file in"
+        )
+    return file
+
+
+def _is_file_name(name: object) -> bool:
+    """A bare file name: no directory part, not '' / '..', no NUL byte."""
+    return (
+        isinstance(name, str)
+        and Path(name).name == name
+        and name not in ("", "..")
+        and ("\0" not in name)
+    )
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
+    """The index's name -> shard file map, and the shard paths in name order. Every shard
+    must be a plain file name in the index's folder and resolve inside it (`_inside`)."""
+    fix = "re-download the checkpoint"
+    doc = read_json(index, fix=fix, unique_keys=True)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise GraftIOError(f"{index} has no weight_map object; {fix}")
+    for name, shard in weight_map.items():
+        if not _is_file_name(shard):
+            raise GraftIOError(
+                f"{index} maps tensor {_show(name)} to {_show(shard)}, which is not a file name "
+                f"in the index's folder (absolute paths and '..' are refused); {fix}"
+            )
     shards = [index.parent / f for f in sorted(set(weight_map.values()))]
     for shard in shards:
         if not shard.is_file():
-            raise GraftIOError(
-                f"shard {shard.name} listed in {index} is missing; re-download the checkpoint"
-            )
+            raise GraftIOError(f"shard {shard.name} listed in {index} is missing; {fix}")
+        _inside(index.parent, shard)
     return weight_map, shards
 
 
@@ -330,11 +458,23 @@ def _open_torch(
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    fd = open_regular(file)
     try:
-        obj = torch.load(file, weights_only=True, mmap=True, map_location="cpu")
+        # Legacy (pre-1.6, non-zip) torch.save files cannot be memory-mapped; they are read
+        # whole, still with weights_only.
+        mmap = os.pread(fd, 4, 0) == b"PK\x03\x04"
+    except OSError as e:
+        raise GraftIOError(f"cannot read {file}: {e.strerror}; check the file") from e
+    finally:
+        os.close(fd)
+    how = "weights_only=True, mmap=True" if mmap else "weights_only=True"
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error below says all
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(file, weights_only=True, mmap=mmap, map_location="cpu")
     except Exception as e:  # torch.load raises many types; all mean "not a safe weights file"
         raise GraftIOError(
-            f"refusing to load {file}: torch.load(weights_only=True, mmap=True) failed "
+            f"refusing to load {file}: torch.load({how}) failed "
             f"({_reason(e)}); convert it to safetensors where you trust its source"
         ) from e
     if not isinstance(obj, dict):
@@ -344,8 +484,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise GraftIOError(
-                f"{file} is not a flat state dict (entry {key!r} is a {type(value).__name__}); "
-                "save model.state_dict() instead"
+                f"{file} is not a flat state dict (entry {_show(key)} is a "
+                f"{type(value).__name__}); save model.state_dict() instead"
             )
     return obj
 

@@ -8,7 +8,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft.io._checkpoint import _PT_INDEX, _PT_SINGLE, _ST_INDEX, _ST_SINGLE, _TORCH_SUFFIXES
+from graft.io._checkpoint import (
+    _PT_INDEX,
+    _PT_SINGLE,
+    _ST_INDEX,
+    _ST_SINGLE,
+    _TORCH_SUFFIXES,
+    transformer_module_dir,
+)
 from graft.io._errors import GraftIOError
 
 WEIGHT_SUFFIXES = (".safetensors", *_TORCH_SUFFIXES)
@@ -19,8 +26,27 @@ _CARD = "README.md"
 
 
 def is_model_dir(path: Path) -> bool:
-    """True when ``path`` is a folder that `open_checkpoint` reads as one model."""
-    return path.is_dir() and any((path / f).is_file() for f in _MODEL_FILES)
+    """True when ``path`` is a folder that `open_checkpoint` reads as one model (including
+    a sentence-transformers folder whose weights are in its ``0_Transformer/`` module)."""
+    if not path.is_dir():
+        return False
+    if _has_model_files(path):
+        return True
+    module = _module_dir(path)
+    return module is not None and _has_model_files(module)
+
+
+def _has_model_files(path: Path) -> bool:
+    return any((path / f).is_file() for f in _MODEL_FILES)
+
+
+def _module_dir(path: Path) -> Path | None:
+    """`transformer_module_dir`, None for a malformed ``modules.json`` (the scan then looks
+    inside the folder, and opening it reports the problem)."""
+    try:
+        return transformer_module_dir(path)
+    except GraftIOError:
+        return None
 
 
 def is_hf_cache(path: Path) -> bool:
@@ -36,7 +62,8 @@ def discover_checkpoints(path: str | os.PathLike) -> list[Path]:
     A model folder (``model.safetensors``, a sharded index, ``pytorch_model.bin``...) counts
     as one checkpoint and is not searched further; elsewhere each loose ``.safetensors``,
     ``.bin``, ``.pt`` or ``.pth`` file counts. Hidden folders and PEFT adapter folders
-    (``adapter_config.json``) are skipped; symlinked folders are not followed.
+    (``adapter_config.json``) are skipped; symlinked folders are not followed; only
+    regular files (or links to them) count, never pipes, sockets or devices.
 
     Raises:
         GraftIOError: ``path`` does not exist or is a file that is not a checkpoint.
@@ -62,7 +89,11 @@ def discover_checkpoints(path: str | os.PathLike) -> list[Path]:
             dirs[:] = []
             continue
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        found += [d / f for f in files if f.endswith(WEIGHT_SUFFIXES) and not f.startswith(".")]
+        found += [
+            d / f
+            for f in files
+            if f.endswith(WEIGHT_SUFFIXES) and not f.startswith(".") and (d / f).is_file()
+        ]
     return sorted(found)
 
 
@@ -81,12 +112,16 @@ def file_stats(path: str | os.PathLike) -> list[tuple[str, int, int]]:
         if p.is_file():
             st = p.stat()
             return [(p.name, st.st_size, st.st_mtime_ns)]
+        folders = [p]
+        if not _has_model_files(p) and (module := _module_dir(p)) is not None:
+            folders.append(module)  # the older sentence-transformers layout
         out = []
-        for f in sorted(p.iterdir()):
-            if (f.name == _CARD or f.suffix in _TRACKED_SUFFIXES) and f.is_file():
-                st = f.stat()
-                out.append((f.name, st.st_size, st.st_mtime_ns))
-        return out
+        for folder in folders:
+            for f in sorted(folder.iterdir()):
+                if (f.name == _CARD or f.suffix in _TRACKED_SUFFIXES) and f.is_file():
+                    st = f.stat()
+                    out.append((str(f.relative_to(p)), st.st_size, st.st_mtime_ns))
+        return sorted(out)
     except OSError as e:
         raise GraftIOError(f"cannot list {p}: {e.strerror}; check the path and permissions") from e
 

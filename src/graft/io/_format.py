@@ -20,9 +20,13 @@ from pathlib import Path
 import torch
 
 from graft.io._errors import GraftIOError
+from graft.io._readers import MAX_JSON_BYTES, _show, loads_json, open_regular
 
 # The reference implementation refuses headers above 100 MB; so do we.
-MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_BYTES = MAX_JSON_BYTES
+# numpy's limit on dimensions: every tensor graft reads can become an array.
+MAX_DIMS = 64
+_INT64_MAX = 2**63 - 1
 
 _CODES = {
     "BOOL": "bool",
@@ -85,6 +89,11 @@ class Header:
 def parse_header(path: Path) -> Header:
     """Read and validate the header of the safetensors file at `path`.
 
+    Beyond the reference loader's checks: the file must be a regular file (a FIFO would
+    block), tensor names unique, strings valid Unicode (no lone surrogates), shapes of at
+    most `MAX_DIMS` dimensions whose product (zero dimensions counted as 1) fits an int64,
+    so torch can allocate every tensor the header describes.
+
     Raises:
         GraftIOError: the file cannot be read, or its header is corrupt, truncated or
             inconsistent with the file size.
@@ -95,8 +104,9 @@ def parse_header(path: Path) -> Header:
             f"corrupt or truncated safetensors file {path}: {why}; re-download or re-save it"
         )
 
+    fd = open_regular(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise corrupt(f"{size} bytes is too short to hold a header")
@@ -104,21 +114,21 @@ def parse_header(path: Path) -> Header:
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise corrupt(f"header length {n} does not fit a {size}-byte file")
             raw = f.read(n)
-    except FileNotFoundError:
-        raise GraftIOError(f"no such file or directory: {path}") from None
     except OSError as e:
         raise GraftIOError(
             f"cannot read {path}: {e.strerror}; check the path and permissions"
         ) from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise corrupt(f"header is not valid JSON ({e})") from None
+        header = loads_json(raw, unique_keys=True, strict=True, max_depth=None)
+    except ValueError as e:
+        raise corrupt(f"header: {e}") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        isinstance(v, str) and _is_text(k) and _is_text(v) for k, v in metadata.items()
     ):
         raise corrupt("__metadata__ is not a map of strings to strings")
 
@@ -132,9 +142,11 @@ def _tile(spans: list[tuple[TensorInfo, int, int]], data_start: int, size: int, 
     tensors, pos = [], 0
     for info, begin, end in spans:
         if data_start + end > size:
-            raise corrupt(f"tensor {info.name!r} ends at byte {data_start + end}, past the end")
+            raise corrupt(
+                f"tensor {_show(info.name)} ends at byte {data_start + end}, past the end"
+            )
         if begin != pos:
-            raise corrupt(f"tensor {info.name!r} starts at data byte {begin}, expected {pos}")
+            raise corrupt(f"tensor {_show(info.name)} starts at data byte {begin}, expected {pos}")
         tensors.append(Located(info, data_start + begin))
         pos = end
     if data_start + pos != size:
@@ -143,25 +155,43 @@ def _tile(spans: list[tuple[TensorInfo, int, int]], data_start: int, size: int, 
 
 
 def _parse_entry(path: Path, name: str, spec: object, corrupt) -> tuple[TensorInfo, int, int]:
+    if not _is_text(name):
+        raise corrupt(f"tensor name {_show(name)} is not valid Unicode")
     if not isinstance(spec, dict):
-        raise corrupt(f"entry for tensor {name!r} is not an object")
+        raise corrupt(f"entry for tensor {_show(name)} is not an object")
     code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if code not in DTYPE_OF_CODE:
+    if not isinstance(code, str) or code not in DTYPE_OF_CODE:
         known = ", ".join(DTYPE_OF_CODE)
-        raise corrupt(f"tensor {name!r} has unknown dtype {code!r} (graft reads {known})")
+        raise corrupt(f"tensor {_show(name)} has unknown dtype {_show(code)} (graft reads {known})")
     if not _is_int_list(shape) or not _is_int_list(offsets) or len(offsets) != 2:
-        raise corrupt(f"tensor {name!r} has a malformed shape or data_offsets")
+        raise corrupt(f"tensor {_show(name)} has a malformed shape or data_offsets")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > _INT64_MAX:
+        raise corrupt(
+            f"tensor {_show(name)} has shape {_show(shape)}, beyond {MAX_DIMS} dimensions or "
+            "2**63 elements"
+        )
     dtype, (begin, end) = DTYPE_OF_CODE[code], offsets
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes:
         raise corrupt(
-            f"tensor {name!r} spans {end - begin} bytes, its shape and dtype need {nbytes}"
+            f"tensor {_show(name)} spans {end - begin} bytes, its shape and dtype need {nbytes}"
         )
     return TensorInfo(name, dtype, tuple(shape), nbytes, path), begin, end
 
 
 def _is_int_list(x: object) -> bool:
     return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+
+
+def _is_text(s: object) -> bool:
+    """A str that encodes to UTF-8: JSON escapes can produce lone surrogates, which cannot."""
+    if not isinstance(s, str):
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_header(

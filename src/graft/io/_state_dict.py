@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graft.io._atomic import atomic_output_dir
+from graft.io._atomic import atomic_output_dir, atomic_output_file
 from graft.io._checkpoint import open_checkpoint
 from graft.io._errors import GraftIOError
 from graft.io._format import parse_header
@@ -33,17 +33,22 @@ def save_state_dict(
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    overwrite_anything: bool = False,
 ) -> Path:
     """Atomically write `tensors` (and `config` as config.json) as a Hugging Face model dir.
 
     Writes exactly the tensors given, under their names and dtypes: tied weights given
     under two names are stored twice (transformers loads either form).
 
+    Args:
+        force: replace `dst_dir` if graft wrote it (see `graft.io.check_output`).
+        overwrite_anything: with `force`, replace whatever folder is there.
+
     Raises:
-        GraftIOError: `dst_dir` exists and not `force`; the disk is full.
+        GraftIOError: `dst_dir` exists and may not be replaced; the disk is full.
     """
     entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    with atomic_output_dir(dst_dir, force=force) as tmp:
+    with atomic_output_dir(dst_dir, force=force, overwrite_anything=overwrite_anything) as tmp:
         with ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata) as w:
             for name, t in tensors.items():
                 w.write(name, t)
@@ -73,20 +78,20 @@ def save_statistics(
         force: replace an existing file.
     """
     dst = Path(path)
-    if dst.exists() and not force:
-        raise GraftIOError(f"output {dst} exists; pass --force to overwrite or choose another path")
-    meta = {**(metadata or {}), "graft_statistic": kind, "graft_model_fingerprint": model_fingerprint}
+    meta = {
+        **(metadata or {}),
+        "graft_statistic": kind,
+        "graft_model_fingerprint": model_fingerprint,
+    }
     entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.graft-stats"
     with (
-        atomic_output_dir(staging, force=True) as tmp,
-        ShardedWriter(tmp, entries, max_shard_bytes=1 << 62, metadata=meta, filename=dst.name) as w,
+        atomic_output_file(dst, force=force) as file,
+        ShardedWriter(
+            file.parent, entries, max_shard_bytes=1 << 62, metadata=meta, filename=dst.name
+        ) as w,
     ):
         for name, t in tensors.items():
             w.write(name, t.contiguous())
-    os.replace(staging / dst.name, dst)
-    staging.rmdir()
     return dst
 
 

@@ -29,21 +29,30 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(size: str | int) -> int:
+class SizeError(GraftIOError, ValueError):
+    """A size (``--out-shard-size``) that is malformed or not positive."""
+
+
+def parse_size(size: str | int, *, what: str = "size") -> int:
     """Bytes in a size such as ``"5GB"`` (decimal, as transformers reads it), ``"2GiB"``
     (binary), ``"500MB"`` or an int.
 
+    Args:
+        size: the size.
+        what: how the error names it (e.g. ``"--out-shard-size"``).
+
     Raises:
-        ValueError: the size is malformed or not positive.
+        SizeError: (a ValueError) the size is malformed or not positive.
     """
+    hint = "give a positive size such as 5GB, 500MB or 2GiB"
     if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
+            raise SizeError(f"invalid {what} {size}: {hint}")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     unit = m and m.group(2).upper()
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"invalid size {size!r}; write it like 5GB, 500MB or 2GiB")
+    if not m or unit not in _UNITS or int(float(m.group(1)) * _UNITS[unit]) <= 0:
+        raise SizeError(f"invalid {what} {str(size)!r}: {hint}")
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -143,7 +152,7 @@ class ShardedWriter:
         path = self.files[shard]
         try:
             fd = os.open(
-                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
             )
         except OSError as e:
             raise GraftIOError(f"cannot create {path}: {e.strerror}; check the output path") from e

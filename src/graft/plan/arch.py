@@ -103,3 +103,29 @@ VOCAB_MARKERS = ("embed_tokens", "wte", "word_embeddings", "lm_head", "tok_embed
 def is_vocab_tensor(name: str) -> bool:
     """Embedding and output-head tensors, whose first dimension is the vocabulary."""
     return any(marker in name for marker in VOCAB_MARKERS)
+
+
+# Output heads that transformers ties to the input embedding (``tie_word_embeddings``),
+# and the embedding names they share weights with, by model family. A tied model saved
+# by transformers stores only the embedding; older savers (and some tools) store both.
+TIED_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight",  # Llama, Mistral, Qwen, Gemma, Phi-3
+        "transformer.wte.weight",  # GPT-2, GPT-J
+        "model.decoder.embed_tokens.weight",  # OPT
+        "transformer.word_embeddings.weight",  # BLOOM, Falcon
+        "shared.weight",  # T5
+    ),
+    "embed_out.weight": ("gpt_neox.embed_in.weight",),  # GPT-NeoX
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
+}
+
+
+def tied_embedding(name: str, ckpt) -> str | None:
+    """The embedding that output head ``name`` of ``ckpt`` is tied to, when ``ckpt``'s
+    config ties them (``tie_word_embeddings``, true unless the config says otherwise, as
+    in transformers) and ``ckpt`` stores that embedding; else None."""
+    if name not in TIED_WEIGHTS or not (ckpt.config or {}).get("tie_word_embeddings", True):
+        return None
+    return next((e for e in TIED_WEIGHTS[name] if e in ckpt), None)

@@ -61,16 +61,43 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+_DEVICES = "cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str) -> torch.device:
-    """The torch device for ``device``; a CUDA device must exist.
+    """The torch device for ``device``: the CPU, a CUDA GPU that exists, or Apple's MPS.
 
     Raises:
-        PlanError: CUDA asked for but not available.
+        PlanError: not a device name, a device graft cannot compute on (``meta``...), or a
+            GPU that is not there.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PlanError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PlanError(f"unknown --device {device!r}; use {_DEVICES}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PlanError(f"--device {device} cannot compute graft's outputs; use {_DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise PlanError(
+                f"--device {device}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                "choose one of them"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PlanError("--device mps asked for, but torch sees no MPS device; use --device cpu")
     return dev
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no entry of ``t`` is NaN or Inf (integer tensors always are)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    # A sum is NaN/Inf when any entry is (one pass, no temporary); only then, or on an
+    # overflow of huge finite values, look entry by entry.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def run_plan(
@@ -81,6 +108,7 @@ def run_plan(
     device: str = "cpu",
     max_shard_bytes: int = 5_000_000_000,
     force: bool = False,
+    overwrite_anything: bool = False,
     strict: bool = False,
     progress: ProgressHook | None = None,
 ) -> RunStats:
@@ -92,7 +120,8 @@ def run_plan(
         threads: tensors computed concurrently (default: cores, at most 4).
         device: torch device for the math (``cpu``, ``cuda``, ``cuda:1``...).
         max_shard_bytes: shard size limit for the output safetensors files.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` that graft wrote (`graft.io.atomic_output_dir`).
+        overwrite_anything: with ``force``, replace whatever folder ``out`` is.
         strict: NaN/Inf in an input tensor is an error instead of a warning.
         progress: called after each tensor with (1, bytes read + written).
     """
@@ -107,15 +136,19 @@ def run_plan(
     }
     entries = [(j.name, j.out_dtype, j.shape) for j in plan.jobs]
     start = time.perf_counter()
-    with atomic_output_dir(Path(out), force=force) as tmp:
-        writer = ShardedWriter(tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata)
-        worker = _Worker(plan, writer, dev, strict)
-        stats = run_pass(
-            plan.jobs, worker, threads=threads, input_bytes=plan.input_bytes, progress=progress
-        )
-        writer.finish()
+    with atomic_output_dir(
+        Path(out), force=force, inputs=plan.input_paths(), overwrite_anything=overwrite_anything
+    ) as tmp:
+        with ShardedWriter(
+            tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata
+        ) as writer:  # closed on any error; finished below
+            worker = _Worker(plan, writer, dev, strict)
+            stats = run_pass(
+                plan.jobs, worker, threads=threads, input_bytes=plan.input_bytes, progress=progress
+            )
+            writer.finish()
         stats.shards = len(writer.files)
-        _write_sidecars(plan, tmp)
+        _write_sidecars(plan, tmp, worker.warnings.append)
     stats.seconds = time.perf_counter() - start
     stats.warnings = worker.warnings
     return stats
@@ -283,9 +316,7 @@ class _Worker:
 
     def _load(self, src, dtype: torch.dtype) -> torch.Tensor:
         t = self._read(src).to(device=self.device, dtype=dtype)
-        # A sum is NaN/Inf when any entry is (one pass, no temporary); only then, or on an
-        # overflow of huge finite values, look entry by entry.
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
             if self.strict:
                 raise NonFiniteInputError(msg + "; fix the checkpoint or drop --strict")
@@ -305,12 +336,14 @@ def _torch_threads(workers: int):
         torch.set_num_threads(before)
 
 
-def _write_sidecars(plan: MergePlan, dst: Path) -> None:
+def _write_sidecars(plan: MergePlan, dst: Path, warn: Callable[[str], None]) -> None:
     recipe = plan.recipe
     side = plan.checkpoints[plan.sidecar_model]
-    copy_sidecar_files(side.root, dst, config=plan.config)
+    copy_sidecar_files(
+        side.root, dst, config=plan.config, warn=warn, modules_root=side.modules_root
+    )
     if plan.tokenizer_model is not None:
-        copy_tokenizer(plan.checkpoints[plan.tokenizer_model].root, dst)
+        copy_tokenizer(plan.checkpoints[plan.tokenizer_model].root, dst, warn=warn)
     write_model_card(
         dst,
         base_models=[str(m) for m in recipe.referenced_models()],

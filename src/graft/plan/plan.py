@@ -3,14 +3,32 @@
 Planning reads headers only. Every check that can fail on the inputs (missing tensors,
 shape or vocabulary mismatches, missing or out-of-range parameters) fails here, before a
 byte of tensor data is read or anything is written, which is what ``--dry-run`` shows.
+
+Conventions that change results:
+
+* Every tensor of every input model ends up in the output or in `MergePlan.dropped` with
+  its reason; planning fails on a tensor that would silently go missing. Deliberate
+  drops are the blocks no slice selects and, in the slices form, the tensors outside the
+  blocks of models that are not in the first (embeddings) or last (head) slice. Anything
+  else is dropped only when an ``allow_drop`` glob (``fnmatch``, ``*`` crosses dots)
+  matches its name.
+* A non-float tensor (a buffer such as BERT's ``embeddings.position_ids``, which older
+  transformers saved and newer ones do not) that only some models store is copied from
+  the base, else from the first model that has it, with a note.
+* A tied output head (``lm_head.weight``...) that a model does not store, when its config
+  ties the embeddings (``tie_word_embeddings``, transformers' default true), is read
+  from that model's embedding, as mergekit does, with a note.
+* Methods that take no base (linear...) merge a ``base_model`` that is not listed under
+  ``models:`` as one more input, with the global parameters, as mergekit does.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +38,12 @@ import torch
 from graft.io import Checkpoint, open_checkpoint
 from graft.merge import REQUIRED, MethodSpec, Param
 from graft.plan.arch import (
+    BlockName,
     count_blocks,
     is_pre_block,
     is_vocab_tensor,
     split_block_name,
+    tied_embedding,
     with_block_count,
 )
 from graft.plan.models import open_models
@@ -63,9 +83,23 @@ class TensorJob:
     transpose: bool = False  # stored (in, out) (GPT-2 Conv1D): the method sees (out, in)
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """An input tensor that is not in the output, and why."""
+
+    model: ModelRef
+    name: str
+    reason: str
+
+
 @dataclass
 class MergePlan:
-    """The planned merge: opened checkpoints, jobs in output order, output config."""
+    """The planned merge: opened checkpoints, jobs in output order, output config.
+
+    Attributes:
+        dropped: input tensors deliberately left out of the output, with the reason.
+        input_tensors: tensors in the recipe's models, all counted (see `dropped`).
+    """
 
     recipe: Recipe
     checkpoints: dict[ModelRef, Checkpoint]
@@ -75,6 +109,18 @@ class MergePlan:
     sidecar_model: ModelRef
     tokenizer_model: ModelRef | None
     notes: list[str] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    input_tensors: int = 0
+
+    def input_paths(self) -> list[Path]:
+        """Every file or folder the merge reads (models, adapters, statistics files)."""
+        paths = []
+        for ckpt in self.checkpoints.values():
+            paths.append(Path(ckpt.path))
+            adapter = getattr(ckpt, "adapter", None)
+            if adapter is not None:
+                paths.append(Path(adapter.path))
+        return paths
 
     @property
     def method(self) -> MethodSpec:
@@ -100,11 +146,25 @@ DTYPES = {
 }
 
 
-def plan_merge(recipe: Recipe, *, seed: int | None = None) -> MergePlan:
-    """Open the recipe's checkpoints (headers only) and plan every output tensor."""
+def plan_merge(
+    recipe: Recipe, *, seed: int | None = None, allow_drop: Sequence[str] = ()
+) -> MergePlan:
+    """Open the recipe's checkpoints (headers only) and plan every output tensor.
+
+    Args:
+        recipe: the parsed recipe.
+        seed: for random methods; default the recipe's, else 0.
+        allow_drop: globs (``fnmatch``) of tensor names that may be left out of the output
+            when they cannot be merged (e.g. a classifier only the fine-tunes have).
+
+    Raises:
+        PlanError: the recipe does not fit the checkpoints, or a tensor would be dropped
+            that no ``allow_drop`` pattern matches.
+    """
     checkpoints = open_models(recipe.referenced_models(), recipe.root)
     try:
-        planner = _Planner(recipe, checkpoints, seed if seed is not None else recipe.seed or 0)
+        seed = seed if seed is not None else recipe.seed or 0
+        planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop))
         return planner.plan()
     except BaseException:
         for ckpt in checkpoints.values():
@@ -119,13 +179,23 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, checkpoints: dict[ModelRef, Checkpoint], seed: int):
+    def __init__(
+        self,
+        recipe: Recipe,
+        checkpoints: dict[ModelRef, Checkpoint],
+        seed: int,
+        allow_drop: tuple[str, ...] = (),
+    ):
         self.recipe = recipe
         self.ckpts = checkpoints
         self.method = recipe.method
         self.seed = seed
+        self.allow_drop = allow_drop
         self.jobs: list[TensorJob] = []
         self.notes: list[str] = []
+        self.dropped: list[Dropped] = []
+        self.consumed: set[tuple[ModelRef, str]] = set()
+        self.matched: set[str] = set()
         self.stats_checked: set[tuple[ModelRef, ModelRef]] = set()
 
     # -- entry -------------------------------------------------------------------------
@@ -158,6 +228,7 @@ class _Planner:
             if tok not in self.ckpts:
                 self.ckpts.update(open_models([tok], r.root))
         self._check_unique_names()
+        inputs = self._check_complete()
         return MergePlan(
             recipe=r,
             checkpoints=self.ckpts,
@@ -167,6 +238,8 @@ class _Planner:
             sidecar_model=ref_model,
             tokenizer_model=tok,
             notes=self.notes,
+            dropped=self.dropped,
+            input_tensors=inputs,
         )
 
     # -- models: form ------------------------------------------------------------------
@@ -183,7 +256,10 @@ class _Planner:
             )
         scopes = {m.model: [m.parameters, r.parameters] for m in entries}
         models = [m.model for m in entries]
-        for name in self.ckpts[ref_model].names:
+        if base is None and r.base_model is not None and r.base_model not in models:
+            self._add_unlisted_base(r.base_model, models, scopes)
+        others = [m for m in [*([base] if base else []), *models] if m != ref_model]
+        for name in self._union_names([ref_model, *others]):
             block = split_block_name(name)
             layer = block.index if block else None
             t = _t(layer, num_layers)
@@ -217,6 +293,12 @@ class _Planner:
                 t = offset / (n - 1) if n > 1 else 1.0
                 src_layer = lead.layer_range[0] + offset
                 names = self._block_names(lead.model, src_layer)
+                keys = {(b.prefix, b.suffix) for b in names}
+                for s in sl.sources[1:]:  # what the lead lacks in this block, others may have
+                    for b in self._block_names(s.model, s.layer_range[0] + offset, need=False):
+                        if (b.prefix, b.suffix) not in keys:
+                            keys.add((b.prefix, b.suffix))
+                            names.append(BlockName(b.prefix, src_layer, b.suffix))
                 for bn in names:
                     out_name = bn.renumber(out_layer)
                     inputs = [Source(s.model, bn.renumber(s.layer_range[0] + offset)) for s in srcs]
@@ -237,10 +319,10 @@ class _Planner:
         self._plan_outside_blocks(r.slices[-1], pre=False)
         return source_layers
 
-    def _block_names(self, model: ModelRef, layer: int):
+    def _block_names(self, model: ModelRef, layer: int, *, need: bool = True) -> list[BlockName]:
         ckpt = self.ckpts[model]
         names = [b for n in ckpt.names if (b := split_block_name(n)) and b.index == layer]
-        if not names:
+        if not names and need:
             have = count_blocks(ckpt.names, ckpt.config)
             raise PlanError(
                 f"model {model} has no block {layer} (it has {have}); fix the layer_range"
@@ -254,10 +336,9 @@ class _Planner:
             base = None
         srcs = [s.model for s in sl.sources if base is None or s.model != base]
         scopes = {s.model: [s.parameters, sl.parameters, r.parameters] for s in sl.sources}
-        lead = self.ckpts[sl.sources[0].model]
-        for name in lead.names:
-            if split_block_name(name) is not None or is_pre_block(name) != pre:
-                continue
+        models = [s.model for s in sl.sources] + ([base] if base else [])
+        outside = lambda n: split_block_name(n) is None and is_pre_block(n) == pre  # noqa: E731
+        for name in self._union_names(models, outside):
             self._add_job(
                 name,
                 [Source(m, name) for m in srcs],
@@ -282,6 +363,15 @@ class _Planner:
     ) -> None:
         if not inputs and base is None:
             raise PlanError(f"tensor {out_name}: no input models")
+        sources = [*([base] if base else []), *inputs]
+        present = [s for s in sources if s.name in self.ckpts[s.model]]
+        if len(present) < len(sources):
+            filled = self._fill_missing(out_name, inputs, base, present, layer)
+            if filled is None:
+                return
+            inputs, base = filled
+            present = [*([base] if base else []), *inputs]
+        self.consumed.update((s.model, s.name) for s in present)
         first = base or inputs[0]
         info = self._info(first)
         for src in inputs:
@@ -322,6 +412,142 @@ class _Planner:
                 transpose=transpose,
             )
         )
+
+    # -- tensors some models lack ---------------------------------------------------------
+
+    def _fill_missing(
+        self,
+        out_name: str,
+        inputs: list[Source],
+        base: Source | None,
+        present: list[Source],
+        layer: int | None,
+    ) -> tuple[list[Source], Source | None] | None:
+        """Plan a tensor that only some models store: copy a buffer, read a tied head from
+        the embedding, or drop it (allowed) / fail. Returns the sources to merge, or None
+        when the tensor is handled here."""
+        missing = [s for s in (*([base] if base else []), *inputs) if s not in present]
+        lacking = ", ".join(str(s.model) for s in missing)
+        info = self._info(present[0]) if present else None
+        if info is not None and not info.dtype.is_floating_point:
+            src = base if base in present else present[0]
+            for other in present:
+                self._check_match(src, info, other)
+            self.consumed.update((s.model, s.name) for s in present)
+            self.jobs.append(
+                TensorJob(out_name, tuple(info.shape), info.dtype, (), src, {}, layer, 0, True)
+            )
+            self.notes.append(
+                f"{out_name} ({str(info.dtype).replace('torch.', '')}) copied from {src.model}; "
+                f"not stored by {lacking} (a buffer older transformers saved)"
+            )
+            return None
+        tied = {s: tied_embedding(s.name, self.ckpts[s.model]) for s in missing}
+        if present and all(tied.values()):
+            swap = {s: Source(s.model, name) for s, name in tied.items() if name}
+            self.notes.append(
+                f"{out_name}: not stored by {lacking} (tied word embeddings); "
+                f"read from {', '.join(f'{s.model}:{s.name}' for s in swap.values())}, "
+                "as mergekit does"
+            )
+            return [swap.get(s, s) for s in inputs], swap.get(base, base) if base else None
+        pattern = self._allowed(out_name)
+        if pattern is None or not present:
+            have = f" ({present[0].model} has it)" if present else ""
+            raise PlanError(
+                f"tensor {missing[0].name} is missing from model {missing[0].model}{have}; "
+                "the models must share an architecture (check the model paths), or pass "
+                f"--allow-drop '{out_name}' to leave it out of the output"
+            )
+        for s in present:
+            self.dropped.append(
+                Dropped(s.model, s.name, f"not in {lacking}; --allow-drop {pattern}")
+            )
+        self.consumed.update((s.model, s.name) for s in present)
+        return None
+
+    def _add_unlisted_base(
+        self, base: ModelRef, models: list[ModelRef], scopes: dict[ModelRef, list[Mapping]]
+    ) -> None:
+        """mergekit merges a base_model missing from ``models:`` as one more input (with
+        the global parameters) for methods that take no base; so does graft."""
+        r = self.recipe
+        for p in self.method.params:
+            if p.per_model and p.default is REQUIRED and p.name not in r.parameters:
+                raise PlanError(
+                    f"{self.method.name}: base_model {base} is not listed under models:, so "
+                    f"it is merged as one more input (as mergekit does) and needs a "
+                    f"'{p.name}'; list it under models: with its {p.name}, set {p.name} "
+                    "under parameters:, or remove base_model"
+                )
+        models.append(base)
+        scopes[base] = [r.parameters]
+        self.notes.append(
+            f"base_model {base} is not listed under models:; {self.method.name} merges it as "
+            "one more input with the global parameters, as mergekit does"
+        )
+
+    def _union_names(self, models: Sequence[ModelRef], keep=None) -> list[str]:
+        """Tensor names of all ``models``, the first model's order first."""
+        names: dict[str, None] = {}
+        for m in dict.fromkeys(models):
+            for n in self.ckpts[m].names:
+                if keep is None or keep(n):
+                    names.setdefault(n, None)
+        return list(names)
+
+    def _allowed(self, name: str) -> str | None:
+        for pattern in self.allow_drop:
+            if fnmatch.fnmatchcase(name, pattern):
+                self.matched.add(pattern)
+                return pattern
+        return None
+
+    def _check_complete(self) -> int:
+        """Every tensor of every model is in the output or in `dropped` (with a reason);
+        returns how many tensors the models hold."""
+        r = self.recipe
+        listed = {(d.model, d.name) for d in self.dropped}
+        total = 0
+        for model in r.referenced_models():
+            names = self.ckpts[model].names
+            total += len(names)
+            for name in names:
+                if (model, name) in self.consumed or (model, name) in listed:
+                    continue
+                reason = self._deliberate(model, name)
+                if reason is None and (pattern := self._allowed(name)) is not None:
+                    reason = f"--allow-drop {pattern}"
+                if reason is None:
+                    raise PlanError(
+                        f"tensor {name} of model {model} would not be in the output; check "
+                        f"the recipe, or pass --allow-drop '{name}' to leave it out knowingly"
+                    )
+                self.dropped.append(Dropped(model, name, reason))
+        for pattern in self.allow_drop:
+            if pattern not in self.matched:
+                self.notes.append(f"--allow-drop {pattern} matched no tensor")
+        return total
+
+    def _deliberate(self, model: ModelRef, name: str) -> str | None:
+        """Why the slices form leaves this tensor out, or None when it should not."""
+        slices = self.recipe.slices
+        if slices is None:
+            return None
+        block = split_block_name(name)
+        if block is not None:
+            for sl in slices:
+                for s in sl.sources:
+                    if s.model == model and s.layer_range[0] <= block.index < s.layer_range[1]:
+                        return None
+            return f"block {block.index} is in no slice's layer_range"
+        pre = is_pre_block(name)
+        sl = slices[0] if pre else slices[-1]
+        base = (sl.base_model or self.recipe.base_model) if self.method.base != "none" else None
+        if model in {s.model for s in sl.sources} or model == base:
+            return None
+        where = "first" if pre else "last"
+        return f"outside the blocks, tensors come from the {where} slice's models"
 
     def _stat_sources(
         self, inputs: list[Source], paths: list[str]

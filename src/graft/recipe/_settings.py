@@ -18,10 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 Scalar = bool | int | float | str
+# Numeric settings beyond this magnitude are typos or attacks (1e308 overflows to inf in
+# the first multiplication); every real weight, density, scale or epsilon is far inside.
+MAX_MAGNITUDE = 1e6
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message says what to change."""
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` shortened, for error messages that must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -30,36 +39,53 @@ class Conditional:
     filter: str | None = None
 
 
-def parse_setting(raw: Any, where: str) -> Any:
-    """Validate a raw YAML value and freeze it (lists -> tuples, dicts -> Conditional)."""
+def parse_setting(raw: Any, where: str, *, kind: type | None = None) -> Any:
+    """Validate a raw YAML value and freeze it (lists -> tuples, dicts -> Conditional).
+
+    With ``kind`` (the parameter's), every scalar in it is coerced once here, so a value
+    that could never be used (``weight: abc``, ``.nan``, ``1e308``) fails before any file
+    is opened.
+    """
     if isinstance(raw, bool | int | float | str):
+        _check_scalars((raw,), kind, where)
         return raw
     if isinstance(raw, dict):
-        return (_parse_conditional(raw, where),)
+        return (_parse_conditional(raw, where, kind),)
     if isinstance(raw, list):
         if not raw:
             raise RecipeError(f"{where}: empty list; give a value or a gradient like [0, 1]")
         if all(isinstance(e, bool | int | float | str) for e in raw):
+            _check_scalars(raw, kind, where)
             return tuple(raw)
         if all(isinstance(e, dict) for e in raw):
-            return tuple(_parse_conditional(e, where) for e in raw)
+            return tuple(_parse_conditional(e, where, kind) for e in raw)
     raise RecipeError(
-        f"{where}: expected a number, a gradient list or {{filter, value}} entries, got {raw!r}"
+        f"{where}: expected a number, a gradient list or {{filter, value}} entries, got {show(raw)}"
     )
 
 
-def _parse_conditional(raw: dict, where: str) -> Conditional:
+def _check_scalars(values, kind: type | None, where: str) -> None:
+    if kind in (float, int):
+        for v in values:
+            coerce(v, float, where)  # int parameters take gradients, rounded when resolved
+
+
+def _parse_conditional(raw: dict, where: str, kind: type | None = None) -> Conditional:
     unknown = set(raw) - {"value", "filter"}
     if unknown or "value" not in raw:
+        got = sorted(map(str, raw))
         raise RecipeError(
-            f"{where}: a conditional parameter takes keys 'filter' and 'value', got {sorted(raw)}"
+            f"{where}: a conditional parameter takes keys 'filter' and 'value', got {show(got)}"
         )
     value = raw["value"]
     if isinstance(value, list):
         if not value or not all(isinstance(e, bool | int | float | str) for e in value):
             raise RecipeError(f"{where}: 'value' must be a scalar or a list of scalars")
+        _check_scalars(value, kind, where)
         value = tuple(value)
-    elif not isinstance(value, bool | int | float | str):
+    elif isinstance(value, bool | int | float | str):
+        _check_scalars((value,), kind, where)
+    else:
         raise RecipeError(f"{where}: 'value' must be a scalar or a list of scalars")
     flt = raw.get("filter")
     if flt is not None and not isinstance(flt, str):
@@ -76,16 +102,23 @@ def coerce(value: Any, kind: type, where: str) -> Any:
             return value.lower() == "true"
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        raise RecipeError(f"{where}: expected true or false, got {show(value)}")
     if kind in (float, int):
         if isinstance(value, bool):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+            raise RecipeError(f"{where}: expected a number, got {show(value)}") from None
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
         if not math.isfinite(number):
-            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
+            raise RecipeError(f"{where}: expected a finite number, got {show(value)}")
+        if abs(number) > MAX_MAGNITUDE:
+            raise RecipeError(
+                f"{where}: {show(value)} is out of range; numeric settings must lie between "
+                f"-{MAX_MAGNITUDE:,.0f} and {MAX_MAGNITUDE:,.0f}"
+            )
         if kind is int:
             if number != int(number):
                 raise RecipeError(f"{where}: expected an integer, got {value!r}")

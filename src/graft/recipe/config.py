@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from graft.io._readers import load_yaml
 from graft.merge import METHODS, MethodSpec, get_method
-from graft.recipe._settings import RecipeError, parse_setting
+from graft.recipe._settings import RecipeError, parse_setting, show
 
 TOP_KEYS = (
     "merge_method",
@@ -42,6 +41,14 @@ UNSUPPORTED_KEYS = {
 }
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+# Recipes are a few hundred bytes; these bounds only keep hostile ones from costing memory
+# or the stack. YAML aliases are allowed (yaml.safe_dump writes them for shared values)
+# but count as the nodes they expand to, so an alias bomb is refused while still small.
+# Layer indexes share config.json's bound (`graft.io` MAX_LAYERS).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+MAX_LAYER = 100_000
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class ModelRef:
         if isinstance(raw, dict):  # mergekit also accepts {model: {path: ...}, lora: ...}
             raise RecipeError(f"{where}: write the model as a path string, e.g. model: ./my-model")
         if not isinstance(raw, str) or not raw.strip():
-            raise RecipeError(f"{where}: model must be a path or hub id string, got {raw!r}")
+            raise RecipeError(f"{where}: model must be a path or hub id string, got {show(raw)}")
         path, _, adapter = raw.strip().partition("+")
         return cls(path=path, adapter=adapter or None)
 
@@ -128,32 +135,58 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file (UTF-8 YAML, at most `MAX_RECIPE_BYTES`).
+
+    Raises:
+        RecipeError: the file is missing, not a regular file, too large, not UTF-8, or
+            not a valid recipe.
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise RecipeError(f"recipe file not found: {p}")
-    return parse_recipe(p.read_text(encoding="utf-8"), root=p.resolve().parent)
+    if not p.is_file():
+        raise RecipeError(f"recipe {p} is not a regular file; pass a .yaml file")
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {p} is larger than {MAX_RECIPE_BYTES:,} bytes; is it a recipe?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe {p} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
+        ) from None
+    return parse_recipe(text, root=p.resolve().parent)
 
 
 def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
-    """Parse recipe YAML text into a validated ``Recipe``."""
+    """Parse recipe YAML text into a validated ``Recipe``.
+
+    Raises:
+        RecipeError: one line saying what to change.
+    """
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES:,} bytes; is it a recipe?")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe is not valid YAML: {exc}".replace("\n", " ")) from None
+        raw = load_yaml(text, max_nodes=MAX_RECIPE_NODES)
+    except ValueError as exc:
+        raise RecipeError(f"recipe is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError("recipe must be a YAML mapping with at least merge_method and models")
     for key in raw:
         if key in UNSUPPORTED_KEYS:
             raise RecipeError(f"recipe key '{key}': {UNSUPPORTED_KEYS[key]}")
         if key not in TOP_KEYS:
-            raise RecipeError(f"unknown recipe key '{key}'; valid keys: {', '.join(TOP_KEYS)}")
+            raise RecipeError(f"unknown recipe key {show(key)}; valid keys: {', '.join(TOP_KEYS)}")
     if "merge_method" not in raw:
         raise RecipeError(f"recipe needs merge_method; one of: {', '.join(METHODS)}")
-    try:
-        method = get_method(str(raw["merge_method"]))
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from None
+    if not isinstance(raw["merge_method"], str) or raw["merge_method"] not in METHODS:
+        valid = ", ".join(sorted(METHODS))
+        raise RecipeError(f"unknown merge method {show(raw['merge_method'])}; valid: {valid}")
+    method = get_method(raw["merge_method"])
 
     has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
     if has_models == has_slices:
@@ -218,16 +251,23 @@ def _parse_slices(raw: Any, method: MethodSpec) -> tuple[OutputSlice, ...]:
                 not isinstance(lr, list)
                 or len(lr) != 2
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                or not 0 <= lr[0] < lr[1]
+                or not 0 <= lr[0] < lr[1] <= MAX_LAYER
             ):
-                raise RecipeError(f"{swhere}: layer_range must be [start, end] with 0 <= start < end")
+                raise RecipeError(
+                    f"{swhere}: layer_range must be [start, end] with 0 <= start < end <= "
+                    f"{MAX_LAYER:,}, got {show(lr)}"
+                )
             params = _parse_params(src.get("parameters"), method, f"{swhere}.parameters")
-            sources.append(SliceSource(ModelRef.parse(src["model"], swhere), (lr[0], lr[1]), params))
+            sources.append(
+                SliceSource(ModelRef.parse(src["model"], swhere), (lr[0], lr[1]), params)
+            )
         if not sources:
             raise RecipeError(f"{where}: 'sources' is empty")
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
         if len(lengths) != 1:
-            raise RecipeError(f"{where}: all sources of a slice must span the same number of layers")
+            raise RecipeError(
+                f"{where}: all sources of a slice must span the same number of layers"
+            )
         base = ModelRef.parse(entry["base_model"], where) if entry.get("base_model") else None
         params = _parse_params(entry.get("parameters"), method, f"{where}.parameters", True)
         out.append(OutputSlice(tuple(sources), base, params))
@@ -245,24 +285,24 @@ def _parse_params(raw: Any, method: MethodSpec, where: str, per_model_ok: bool =
         if method.param(name) is None:
             listing = ", ".join(valid) if valid else "none"
             raise RecipeError(
-                f"{where}: unknown parameter '{name}' for {method.name}; valid: {listing}"
+                f"{where}: unknown parameter {show(name)} for {method.name}; valid: {listing}"
             )
-        out[name] = parse_setting(value, f"{where}.{name}")
+        out[name] = parse_setting(value, f"{where}.{name}", kind=method.param(name).kind)
     return out
 
 
 def _check_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
     for key in entry:
         if key not in valid:
-            raise RecipeError(f"{where}: unknown key '{key}'; valid keys: {', '.join(valid)}")
+            raise RecipeError(f"{where}: unknown key {show(key)}; valid keys: {', '.join(valid)}")
 
 
 def _parse_dtype(raw: Any, where: str) -> str | None:
     if raw is None:
         return None
-    name = DTYPE_ALIASES.get(str(raw), str(raw))
+    name = DTYPE_ALIASES.get(raw, raw) if isinstance(raw, str) else raw
     if name not in DTYPES:
-        raise RecipeError(f"{where}: unknown dtype '{raw}'; valid: {', '.join(DTYPES)}")
+        raise RecipeError(f"{where}: unknown dtype {show(raw)}; valid: {', '.join(DTYPES)}")
     return name
 
 
@@ -282,8 +322,8 @@ def _parse_tokenizer_source(raw: Any) -> str | None:
 def _parse_seed(raw: Any) -> int | None:
     if raw is None:
         return None
-    if not isinstance(raw, int) or isinstance(raw, bool):
-        raise RecipeError(f"seed must be an integer, got {raw!r}")
+    if not isinstance(raw, int) or isinstance(raw, bool) or abs(raw) > MAX_SEED:
+        raise RecipeError(f"seed must be an integer of at most 2**63 - 1, got {show(raw)}")
     return raw
 
 

@@ -17,7 +17,7 @@ def _svg(width: int, height: int, body: list[str], label: str) -> str:
 
 
 def _text(x: float, y: float, s: str, *, size: int = 11, anchor: str = "middle", **attrs) -> str:
-    extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in attrs.items())
+    extra = "".join(f' {k.replace("_", "-")}="{escape(str(v))}"' for k, v in attrs.items())
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}"{extra}>'
         f"{escape(s)}</text>"
@@ -48,7 +48,7 @@ def reliability(bins: list[dict], *, title: str, color: str = OLD) -> str:
         body.append(
             f'<rect class="bar" x="{x:.1f}" y="{sy(acc):.1f}" width="{w:.1f}" '
             f'height="{sy(0) - sy(acc):.1f}" fill="{color}" stroke="#fff">'
-            f"<title>{b['lo']:.2f}-{b['hi']:.2f}: n={b['n']}, accuracy {acc:.3f}, "
+            f"<title>{b['lo']:.2f}-{b['hi']:.2f}: n={escape(str(b['n']))}, accuracy {acc:.3f}, "
             f"confidence {conf:.3f}</title></rect>"
         )
         top, bottom = sorted((sy(acc), sy(conf)))
@@ -120,8 +120,9 @@ def per_class(rows: list[dict]) -> str:
             v = r[key] if r[key] == r[key] else 0.0  # NaN: class absent from the data
             body.append(
                 f'<rect class="bar" x="{x + j * bar:.1f}" y="{sy(v):.1f}" width="{bar:.1f}" '
-                f'height="{sy(0) - sy(v):.1f}" fill="{color}"><title>class {r["class"]}: '
-                f"{key.replace('_', ' ')} {v:.3f} (n={r['n']})</title></rect>"
+                f'height="{sy(0) - sy(v):.1f}" fill="{color}"><title>class '
+                f"{escape(str(r['class']))}: {key.replace('_', ' ')} {v:.3f} (n={escape(str(r['n']))})"
+                "</title></rect>"
             )
         nfr = r["nfr"] if r["nfr"] == r["nfr"] else 0.0
         body.append(

@@ -62,15 +62,16 @@ def render_check_report(result: dict) -> str:
     figs_html = "".join(
         f"<figure>{svg}<figcaption>{escape(cap)}</figcaption></figure>" for svg, cap in figures
     )
-    title = f"graft check: {result['old']} -> {result['new']}"
+    title = f"graft check: {result['old']} -> {result['new']}"  # escaped where used
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{escape(title)}</title><script>{_ERRORS}</script><style>{_CSS}</style></head>"
         f"<body data-expected-figures='{len(figures)}'>"
         f"<h1>{escape(title)}</h1>"
-        f"<p class='note'>data: {escape(str(result['data']))}; n = {result['n']}; "
-        f"{result['num_classes']} classes; {result['n_bins']} confidence bins; temperature "
-        f"fitted on {escape(result['temperature_fit'])}; graft {__version__}</p>"
+        f"<p class='note'>data: {escape(str(result['data']))}; n = {escape(str(result['n']))}; "
+        f"{escape(str(result['num_classes']))} classes; {escape(str(result['n_bins']))} "
+        f"confidence bins; temperature fitted on {escape(str(result['temperature_fit']))}; "
+        f"graft {__version__}</p>"
         + _gates(result)
         + "<h2>Metrics</h2>"
         + _metric_table(o, n)
@@ -117,8 +118,8 @@ def _gates(result: dict) -> str:
     if not gates.get("gates"):
         return ""
     if gates["failed"]:
-        return "<p class='bad'>--fail-on: " + escape("; ".join(gates["failed"])) + "</p>"
-    return "<p>--fail-on: " + escape(", ".join(gates["gates"])) + ": all pass</p>"
+        return "<p class='bad'>--fail-on: " + escape("; ".join(map(str, gates["failed"]))) + "</p>"
+    return "<p>--fail-on: " + escape(", ".join(map(str, gates["gates"]))) + ": all pass</p>"
 
 
 def _label_issues(result: dict) -> str:
@@ -126,11 +127,11 @@ def _label_issues(result: dict) -> str:
     source = escape(str(result.get("label_issue_source", "")))
     if not li:
         return f"<h2>Label issues</h2><p class='note'>{source}</p>"
-    shown = ", ".join(map(str, li["flagged"][:500]))
+    shown = escape(", ".join(map(str, li["flagged"][:500])))
     more = f" ... ({li['n_flagged'] - 500} more in --json)" if li["n_flagged"] > 500 else ""
     return (
         f"<h2>Label issues</h2><p class='note'>confident learning on {source}</p>"
-        f"<p>{li['n_flagged']} examples flagged ({li['rate']:.1%}). Accuracy on all labels / "
+        f"<p>{escape(str(li['n_flagged']))} examples flagged ({li['rate']:.1%}). Accuracy on all labels / "
         f"without the flagged ones: old {li['old']['accuracy_all']:.2%} / "
         f"{li['old']['accuracy_unflagged']:.2%}, new {li['new']['accuracy_all']:.2%} / "
         f"{li['new']['accuracy_unflagged']:.2%}.</p><p class='note'>flagged indices: "

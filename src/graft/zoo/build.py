@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.io import atomic_output_dir, open_checkpoint
+from graft.io import GraftIOError, atomic_output_dir, open_checkpoint
+from graft.io._readers import read_json
 from graft.models.digits_net import (
     build_backbone,
     default_config,
@@ -61,6 +62,7 @@ ZOO_FORMAT = "graft-digits-zoo"
 ZOO_VERSION = 1  # bump when training code changes what a config builds
 MIN_GAIN_OVER_PROBE = 10.0  # accuracy points
 MIN_AVERAGE_LOSS = 5.0  # accuracy points
+_REBUILD = "rebuild the zoo with `graft demo`"
 
 
 class ZooError(ValueError):
@@ -166,7 +168,8 @@ def build_zoo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-reproducible reductions, and fair to a shared machine
     try:
-        with atomic_output_dir(root, force=True) as tmp:
+        # The manifest check above decides: an old zoo (even without a .graft marker) goes.
+        with atomic_output_dir(root, force=True, overwrite_anything=True) as tmp:
             start = time.perf_counter()
             doc = _build(tmp, config, seed, log)
             doc["report"]["seconds"] = round(time.perf_counter() - start, 2)
@@ -190,17 +193,39 @@ def load_zoo(root: str | os.PathLike) -> Zoo:
         raise ZooError(
             f"no graft zoo at {root} (manifest.json missing); run `graft demo` to build it"
         )
+    where = root / "manifest.json"
+
+    def field(key: str, kind: type):
+        value = doc.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ZooError(f"{where}: {key!r} is missing or not a {kind.__name__}; {_REBUILD}")
+        return value
+
+    def rel(entry: object, name: str) -> Path:
+        value = entry.get("path") if isinstance(entry, dict) else entry
+        if (
+            not isinstance(value, str)
+            or not value
+            or Path(value).is_absolute()
+            or (".." in Path(value).parts)
+        ):
+            raise ZooError(f"{where}: {name} is not a path inside the zoo; {_REBUILD}")
+        return root / value
+
+    def table(key: str) -> dict[str, Path]:
+        return {t: rel(e, f"{key}[{t[:40]!r}]") for t, e in field(key, dict).items()}
+
     zoo = Zoo(
         root=root,
-        base=root / doc["base"]["path"],
-        finetuned={t: root / e["path"] for t, e in doc["finetuned"].items()},
-        heads={t: root / p for t, p in doc["heads"].items()},
-        probe_heads={t: root / p for t, p in doc["probe_heads"].items()},
-        soup=[root / e["path"] for e in doc["soup"]],
-        soup_task=doc["soup_task"],
-        seed=doc["seed"],
-        report=doc["report"],
-        soup_heads=[root / p for p in doc["soup_heads"]],
+        base=rel(field("base", dict), "base"),
+        finetuned=table("finetuned"),
+        heads=table("heads"),
+        probe_heads=table("probe_heads"),
+        soup=[rel(e, f"soup[{i}]") for i, e in enumerate(field("soup", list))],
+        soup_task=field("soup_task", str),
+        seed=field("seed", int),
+        report=field("report", dict),
+        soup_heads=[rel(e, f"soup_heads[{i}]") for i, e in enumerate(field("soup_heads", list))],
     )
     paths = [zoo.base, *zoo.finetuned.values(), *zoo.soup]
     missing = [p for p in paths if not (p / "model.safetensors").is_file()]
@@ -226,10 +251,11 @@ def zoo_tasks(root: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise ZooError(f"no graft zoo at {root} (manifest.json missing); build it or pass --zoo")
     try:
-        heads = json.loads(path.read_text(encoding="utf-8")).get("heads")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ZooError(f"cannot read {path}: {e}; rebuild the zoo") from None
-    if not isinstance(heads, dict) or not all(isinstance(t, str) for t in heads):
+        doc = read_json(path, fix="rebuild the zoo")
+    except GraftIOError as e:
+        raise ZooError(str(e)) from None
+    heads = doc.get("heads") if isinstance(doc, dict) else None
+    if not isinstance(heads, dict):
         raise ZooError(f"{path} has no 'heads' table; rebuild the zoo")
     return list(heads)
 
@@ -445,9 +471,9 @@ def _read_manifest(root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ZooError(f"cannot read {path}: {e}; rebuild the zoo with `graft demo`") from e
-    if doc.get("format") != ZOO_FORMAT:
+        doc = read_json(path, fix=_REBUILD)
+    except GraftIOError as e:  # not JSON, not UTF-8, too large or too deep
+        raise ZooError(str(e)) from None
+    if not isinstance(doc, dict) or doc.get("format") != ZOO_FORMAT:
         raise ZooError(f"{path} is not a graft digits zoo manifest; choose another path")
     return doc

@@ -152,43 +152,78 @@ class ScanReport:
         return {**asdict(self), "errors": [list(e) for e in self.errors]}
 
 
-def card_summary(meta: dict) -> dict:
+def card_summary(meta: dict, notes: list[str] | None = None) -> dict:
     """The card fields the index keeps: base models, relation, license, tags, data sets and
     the ``model-index`` claims flattened to ``{model, task, task_name, dataset, metric,
-    value}`` rows. Malformed entries are dropped, not fatal."""
+    value}`` rows. Malformed fields and entries are dropped, not fatal; a line naming each
+    dropped field is appended to ``notes`` when given."""
+    notes = [] if notes is None else notes
+
+    def wrong(field: str, value: object, want: str) -> None:
+        notes.append(f"{field} is {_describe(value)}, expected {want}")
+
     base = meta.get("base_model")
-    base = [base] if isinstance(base, str) else [str(b) for b in base or [] if b]
+    if isinstance(base, str):
+        base = [base]
+    elif isinstance(base, list):
+        if not all(isinstance(b, str) for b in base):
+            wrong("base_model", base, "a list of model ids")
+        base = [b for b in base if isinstance(b, str) and b]
+    else:
+        if base is not None:
+            wrong("base_model", base, "a model id or a list of them")
+        base = []
     claims = []
     entries = meta.get("model-index")
+    if entries is not None and not isinstance(entries, list):
+        wrong("model-index", entries, "a list")
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
+            wrong("a model-index entry", entry, "a mapping")
             continue
-        for res in entry.get("results") or []:
+        results = entry.get("results")
+        if not isinstance(results, list):
+            if results is not None:
+                wrong("model-index results", results, "a list")
+            continue
+        for res in results:
             if not isinstance(res, dict):
                 continue
-            task, ds = _as_dict(res.get("task")), _as_dict(res.get("dataset"))
-            for m in res.get("metrics") or []:
+            task, ds, metrics = (
+                _as_dict(res.get("task")),
+                _as_dict(res.get("dataset")),
+                res.get("metrics"),
+            )
+            if not isinstance(metrics, list):
+                if metrics is not None:
+                    wrong("model-index metrics", metrics, "a list")
+                continue
+            for m in metrics:
                 m = _as_dict(m)
                 claims.append(
                     {
-                        "model": entry.get("name"),
-                        "task": task.get("type") or task.get("name"),
-                        "task_name": task.get("name"),
-                        "dataset": ds.get("name") or ds.get("type"),
-                        "dataset_type": ds.get("type"),
-                        "metric": m.get("type") or m.get("name"),
-                        "value": m.get("value"),
+                        "model": _scalar(entry.get("name")),
+                        "task": _scalar(task.get("type") or task.get("name")),
+                        "task_name": _scalar(task.get("name")),
+                        "dataset": _scalar(ds.get("name") or ds.get("type")),
+                        "dataset_type": _scalar(ds.get("type")),
+                        "metric": _scalar(m.get("type") or m.get("name")),
+                        "value": _scalar(m.get("value")),
                     }
                 )
-    listed = {k: _str_list(meta.get(k)) for k in ("tags", "datasets")}
-    return {
-        "base_model": base,
-        "base_model_relation": meta.get("base_model_relation"),
-        "license": meta.get("license"),
-        "pipeline_tag": meta.get("pipeline_tag"),
-        **listed,
-        "claims": claims,
-    }
+    listed = {}
+    for key in ("tags", "datasets"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str | list):
+            wrong(key, value, "a string or a list of strings")
+        listed[key] = _str_list(value)
+    texts = {}
+    for key in ("base_model_relation", "license", "pipeline_tag"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            wrong(key, value, "a string")
+        texts[key] = value if isinstance(value, str) else None
+    return {"base_model": base, **texts, **listed, "claims": claims}
 
 
 class ZooIndex:
@@ -467,10 +502,14 @@ def _read_model(path: Path) -> tuple[dict | None, tuple | None]:
         }, None
     card, card_error = {}, None
     if path.is_dir():
+        notes: list[str] = []
         try:
-            card = card_summary(read_model_card(path) or {})
+            card = card_summary(read_model_card(path) or {}, notes)
         except GraftIOError as e:
             card_error = str(e)
+        if notes:
+            more = f" (and {len(notes) - 3} more)" if len(notes) > 3 else ""
+            card_error = f"{path / 'README.md'} front matter: {'; '.join(notes[:3])}{more}"
     rec.update(
         status="ok",
         error=None,
@@ -526,7 +565,20 @@ def _as_dict(x) -> dict:
     return x if isinstance(x, dict) else {}
 
 
+def _scalar(x):
+    """``x`` when it is a plain YAML scalar (text, number, bool), else None."""
+    return x if isinstance(x, str | int | float | bool) else None
+
+
 def _str_list(x) -> list[str]:
     if isinstance(x, str):
         return [x]
-    return [str(v) for v in x] if isinstance(x, list) else []
+    return [str(v) for v in x if _scalar(v) is not None] if isinstance(x, list) else []
+
+
+def _describe(value: object) -> str:
+    """A short phrase for a card value of the wrong type: ``an int (5)``, ``a dict``."""
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    shown = repr(value)
+    return f"{article} {kind}" + (f" ({shown})" if len(shown) <= 40 else "")

@@ -174,7 +174,8 @@ def build_text_zoo(
     if manifest is None and root.exists() and any(root.iterdir()):
         raise ZooError(f"{root} exists and is not a graft text zoo; choose another path")
     torch.manual_seed(seed)
-    with atomic_output_dir(root, force=True) as tmp:
+    # The manifest check above decides: an old zoo (even without a .graft marker) goes.
+    with atomic_output_dir(root, force=True, overwrite_anything=True) as tmp:
         start = time.perf_counter()
         doc = _build(tmp, cfg, seed, log)
         doc["report"]["seconds"] = round(time.perf_counter() - start, 1)
