@@ -210,7 +210,7 @@ def test_quick_zoo_layout_and_report(tmp_path_factory):
         for t in rows
         for k in ("probe", "finetuned", "average_merge")
     )
-    assert zoo.report["bars"]["enforced"] is False
+    assert zoo.report["bars"]["enforced"] == {"gain": False, "loss": False}
     assert load_zoo(zoo.root).report == zoo.report
 
 
@@ -240,8 +240,10 @@ def test_full_zoo_meets_its_bars(tmp_path):
     assert report["bars"] == {
         "min_gain_over_probe_points": 10.0,
         "min_average_loss_points": 5.0,
+        "gain_passed": True,
+        "loss_passed": True,
         "passed": True,
-        "enforced": True,
+        "enforced": {"gain": True, "loss": True},
     }
     assert report["finetuned_minus_probe_points"] >= 10.0
     assert report["finetuned_minus_average_points"] >= 5.0

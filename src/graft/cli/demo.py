@@ -99,7 +99,7 @@ def _digits_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json
 def _text_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json: bool) -> None:
     from graft.eval.zoo_bench import markdown_table, run_bench, text_bench_zoo
     from graft.io import write_text
-    from graft.zoo.build import ZooError, ZooQualityError
+    from graft.zoo import ZooError, ZooQualityError
     from graft.zoo.text_tasks import TextDataError
     from graft.zoo.text_zoo import build_text_zoo
 

@@ -46,7 +46,7 @@ def build(
         raise RecipeError(f"unknown zoo {zoo!r}; valid: {', '.join(ZOOS)}")
     root = out or DEFAULT_ROOTS[zoo]
     console = Console(stderr=True)
-    from graft.zoo.build import ZooError, ZooQualityError
+    from graft.zoo import ZooError, ZooQualityError
 
     try:
         with console.status(f"building the {zoo} zoo in {root}") as status:

@@ -54,6 +54,7 @@ def finetune(
     weight_decay: float = 0.0,
     warmup: float = 0.06,
     loss_fn: Loss | None = None,
+    sparse_embeddings: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``runner.module`` in place on labelled ``data``.
@@ -69,6 +70,10 @@ def finetune(
         weight_decay: AdamW weight decay.
         warmup: fraction of the steps spent warming the learning rate up.
         loss_fn: ``(logits, labels, example indices) -> loss``; default cross-entropy.
+        sparse_embeddings: train ``nn.Embedding`` tables with sparse gradients and lazy
+            Adam (``torch.optim.SparseAdam``: only the rows a batch uses get a gradient and
+            a moment update), so a 30k-row vocabulary costs what its used rows cost; no
+            weight decay on them. The other parameters keep AdamW.
         progress: called with 1 after each step.
 
     Returns:
@@ -83,11 +88,23 @@ def finetune(
     frozen = {n: p.requires_grad for n, p in module.named_parameters()}
     for n, p in module.named_parameters():
         p.requires_grad_(trainable is None or trainable(n))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    tables = _embedding_tables(module, params) if sparse_embeddings else []
+    table_params = {id(t.weight) for t in tables}
+    dense = [p for p in params if id(p) not in table_params]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay, foreach=True)
+    ]
+    if tables:
+        opts.append(torch.optim.SparseAdam([t.weight for t in tables], lr=lr))
     warm = max(1, int(round(warmup * steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
-    )
+
+    def factor(s: int) -> float:
+        return min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
+    was_sparse = [t.sparse for t in tables]
+    for t in tables:
+        t.sparse = True
     losses = []
     module.train()
     try:
@@ -101,18 +118,40 @@ def finetune(
                 if loss_fn is None
                 else loss_fn(logits, labels, idx)
             )
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for o, sched in zip(opts, scheds, strict=True):
+                o.step()
+                sched.step()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress(1)
     finally:
         module.eval()
+        for t, flag in zip(tables, was_sparse, strict=True):
+            t.sparse = flag
         for n, p in module.named_parameters():
             p.requires_grad_(frozen[n])
     return losses
+
+
+def _embedding_tables(module: nn.Module, params: list[nn.Parameter]) -> list[nn.Embedding]:
+    """The trainable ``nn.Embedding`` modules (each table once, tied ones excluded: a
+    tied table also gets dense gradients from the output layer)."""
+    trainable = {id(p) for p in params}
+    uses: dict[int, int] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    seen, out = set(), []
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        ok = isinstance(m, nn.Embedding) and id(w) in trainable and uses[id(w)] == 1
+        if ok and id(w) not in seen:
+            seen.add(id(w))
+            out.append(m)
+    return out
 
 
 def linear_probe(

@@ -46,8 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.io import GraftIOError, atomic_output_dir, open_checkpoint
-from graft.io._readers import read_json
+from graft.io import GraftIOError, atomic_output_dir, read_json
 from graft.models.digits_net import (
     build_backbone,
     default_config,
@@ -55,6 +54,7 @@ from graft.models.digits_net import (
     save_backbone,
     save_head,
 )
+from graft.zoo._report import check_bars, fingerprint, sha256, summary
 from graft.zoo._train import average, probe, train
 from graft.zoo.tasks import TASKS, pretrain_data, task_data
 
@@ -67,10 +67,6 @@ _REBUILD = "rebuild the zoo with `graft demo`"
 
 class ZooError(ValueError):
     """A zoo directory is missing, incomplete or not a zoo."""
-
-
-class ZooQualityError(RuntimeError):
-    """A built zoo misses its accuracy bars (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,15 @@ def build_zoo(
             doc = _build(tmp, config, seed, log)
             doc["report"]["seconds"] = round(time.perf_counter() - start, 2)
             doc["config_hash"] = digest
-            _check_bars(doc["report"], enforce=config.check_bars, log=log)
+            check_bars(
+                doc["report"],
+                what="zoo",
+                min_gain=MIN_GAIN_OVER_PROBE,
+                min_loss=MIN_AVERAGE_LOSS,
+                enforce_gain=config.check_bars,
+                enforce_loss=config.check_bars,
+                log=log,
+            )
             (tmp / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     finally:
         torch.set_num_threads(threads)
@@ -358,7 +362,7 @@ def _build_finetunes(tmp, cfg, seed, base, model_config, log) -> tuple[dict, dic
     for task in cfg.tasks:
         X, y = task_data(task, "test", seed=seed)
         rows[task]["average_merge"] = evaluate(merged, heads[task], X, y)
-    return entries, heads_at, probes_at, _summary(rows)
+    return entries, heads_at, probes_at, summary(rows)
 
 
 def _build_soup(tmp, cfg, seed, base, model_config, log) -> tuple[list, list, dict]:
@@ -403,67 +407,19 @@ def _build_soup(tmp, cfg, seed, base, model_config, log) -> tuple[list, list, di
     return entries, heads_at, {"task": task, "ingredients": rows, "uniform_soup": uniform}
 
 
-def _summary(tasks: dict) -> dict:
-    kinds = ("probe", "finetuned", "average_merge")
-    mean = {k: sum(r[k]["accuracy"] for r in tasks.values()) / len(tasks) for k in kinds}
-    return {
-        "split": "test",
-        "tasks": tasks,
-        "mean_accuracy": mean,
-        "finetuned_minus_probe_points": 100 * (mean["finetuned"] - mean["probe"]),
-        "finetuned_minus_average_points": 100 * (mean["finetuned"] - mean["average_merge"]),
-    }
-
-
-def _check_bars(report: dict, *, enforce: bool, log: Callable[[str], None]) -> None:
-    gain, loss = report["finetuned_minus_probe_points"], report["finetuned_minus_average_points"]
-    ok = gain >= MIN_GAIN_OVER_PROBE and loss >= MIN_AVERAGE_LOSS
-    report["bars"] = {
-        "min_gain_over_probe_points": MIN_GAIN_OVER_PROBE,
-        "min_average_loss_points": MIN_AVERAGE_LOSS,
-        "passed": ok,
-        "enforced": enforce,
-    }
-    m = report["mean_accuracy"]
-    log(
-        f"mean test accuracy: probe {m['probe']:.1%}, fine-tuned {m['finetuned']:.1%}, "
-        f"average merge {m['average_merge']:.1%}; fine-tuned - probe = {gain:.1f} points "
-        f"(bar {MIN_GAIN_OVER_PROBE:g}), fine-tuned - average = {loss:.1f} points "
-        f"(bar {MIN_AVERAGE_LOSS:g}): {'bars met' if ok else 'BARS MISSED'}"
-    )
-    if enforce and not ok:
-        raise ZooQualityError(
-            f"zoo misses its bars: fine-tuned beats probe by {gain:.1f} points (need "
-            f"{MIN_GAIN_OVER_PROBE:g}), average merge loses {loss:.1f} points (need {MIN_AVERAGE_LOSS:g})"
-        )
-
-
 # --- files --------------------------------------------------------------------------
 
 
 def _save_model(module: nn.Module, config: dict, tmp: Path, rel: str) -> dict:
     save_backbone(module, config, tmp / rel)
-    return {"path": rel, "sha256": _sha256(tmp / rel / "model.safetensors")}
+    return {"path": rel, "sha256": sha256(tmp / rel / "model.safetensors")}
 
 
 def _save_head(head: nn.Linear, tmp: Path, rel: str, task: str, backbone: str) -> str:
     """Save a head under ``tmp/rel``, fingerprinted with the backbone saved at ``tmp/backbone``."""
     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-    save_head(head, tmp / rel, task=task, model_fingerprint=_fingerprint(tmp / backbone))
+    save_head(head, tmp / rel, task=task, model_fingerprint=fingerprint(tmp / backbone))
     return rel
-
-
-def _fingerprint(model_dir: Path) -> str:
-    with open_checkpoint(model_dir) as ckpt:
-        return ckpt.fingerprint()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_manifest(root: Path) -> dict | None:
