@@ -56,13 +56,32 @@ CASES: dict[str, dict] = {
     "nuslerp": {"per_model": {"weight": [0.3, 0.7]}},
     "multislerp": {"per_model": {"weight": [0.2, 0.5, 0.3]}},
     "passthrough": {"per_model": {"scale": [1.0]}},
+    "karcher": {"shared": {"max_iter": 10, "tol": 1e-5}},
+    "sce": {"shared": {"select_topk": 1.0}},
+    "ram": {"shared": {"epsilon": 1e-5}},
+    "ramplus_tl": {"shared": {"r": 0.5, "alpha": 1.0, "epsilon": 1e-5}},
+    "nearswap": {"shared": {"t": 0.05}},
+    "arcee_fusion": {},
     "fisher": {"shared": {"epsilon": 1e-6}, "per_model": {"weight": [0.2, 0.5, 0.3]}},
     "regmean": {"shared": {"alpha": 0.7}, "per_model": {"weight": [0.2, 0.5, 0.3]}},
     "lines": {
         "shared": {"method": "ties", "alpha": "auto", "beta": 0.5},
         "per_model": {"weight": [0.2, 0.5, 0.3], "density": [0.5, 0.7, 0.9]},
     },
+    "tsv_m": {"per_model": {"weight": [0.2, 0.5, 0.3]}},
+    "iso_c": {"per_model": {"weight": [0.2, 0.5, 0.3]}},
+    "iso_cts": {"shared": {"common_space_fraction": 0.4}, "per_model": {"weight": [0.2, 0.5, 0.3]}},
 }
+
+# Spectral methods reshape a 2-D delta's spectrum on purpose (TSV-M keeps each task's top
+# r/T components; Iso flattens the singular values), so T copies of one delta do not give
+# that delta back; tests/test_merge_svd.py checks what they do give.
+RESHAPE_SPECTRUM = {"tsv_m", "iso_c", "iso_cts"}
+
+# Methods that keep only part of a single model's delta by design (Arcee Fusion keeps the
+# entries whose importance passes a threshold), so one model does not come back whole;
+# tests/test_merge_mergekit_methods.py checks what they keep.
+SELECTIVE = {"arcee_fusion"}
 
 NAMES = sorted(METHODS)
 
@@ -180,6 +199,8 @@ def test_single_model_at_weight_one_returns_it(name):
     spec = METHODS[name]
     if spec.min_models > 1:
         pytest.skip(f"{name} needs {spec.min_models} models")
+    if name in SELECTIVE:
+        pytest.skip(f"{name} keeps only part of a delta by design")
     models, base = random_inputs(spec, 1)
     # slerp's "weight" of the model is t; lines at beta 0 scales by auto-alpha = 1
     kwargs = kwargs_for(
@@ -200,7 +221,9 @@ def test_all_inputs_equal_return_the_input(name):
     torch.testing.assert_close(out, x, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if METHODS[n].base != "none"])
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if METHODS[n].base != "none" and n not in RESHAPE_SPECTRUM]
+)
 def test_same_delta_everywhere_returns_base_plus_delta(name):
     spec = METHODS[name]
     n = n_models(spec)
@@ -210,7 +233,9 @@ def test_same_delta_everywhere_returns_base_plus_delta(name):
     base = torch.randn(SHAPE, generator=g)
     model = base + 0.1 * torch.randn(SHAPE, generator=g)
     # weights sum to 1 so sum and mean forms agree; density 1 so nothing is dropped
-    kwargs = kwargs_for(spec, n, {"weight": 1.0 / n, "density": 1.0, "lambda": 1.0, "beta": 0.0})
+    # t = 1: slerp (whose weight is accepted and ignored) and nearswap go all the way
+    overrides = {"weight": 1.0 / n, "density": 1.0, "lambda": 1.0, "beta": 0.0, "t": 1.0}
+    kwargs = kwargs_for(spec, n, overrides)
     out = run(spec, [model.clone() for _ in range(n)], base, kwargs)
     torch.testing.assert_close(out, model, atol=1e-5, rtol=1e-5)
 

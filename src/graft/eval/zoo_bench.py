@@ -14,9 +14,13 @@ split, every reported number is on the **test** split):
 * searched on validation (``val_limit`` examples per task): task arithmetic ``lambda``
   (sum form), TIES ``lambda`` at density 0.2 (mean form, graft's default), LiNeS ``beta``
   (inner task arithmetic, ``alpha: auto``);
+* Iso-C and Iso-CTS: ``lambda`` in 0.4…2.0 on validation (their papers tune the scale on
+  held-out data; Iso-CTS with common-space fraction 0.8);
 * the DARE / breadcrumbs / DELLA variants reuse their family's λ at density 0.5 (DELLA
-  ε 0.1, breadcrumbs γ 0.01); linear (simple average), Model Stock and multi-SLERP have
-  nothing to tune;
+  ε 0.1, breadcrumbs γ 0.01), and so do the consensus (TALL mask) variants of task
+  arithmetic and TIES (k 2, λ_tall 0.6); TSV-M runs at the paper's λ = 1 with 1/T of each
+  task's components; linear (simple average), Model Stock, multi-SLERP, Karcher, SCE,
+  RAM and RAM+ have nothing to tune (mergekit's defaults);
 * data-aware: Fisher (empirical, normalised per model) and RegMean (α 0.9) from
   ``stats_samples`` training examples per task; AdaMerging task-wise and layer-wise (one
   coefficient per tensor) by entropy on the unlabeled **test** inputs, the paper's
@@ -44,12 +48,18 @@ SEARCH_GRIDS = {
     "task_arithmetic": ("lambda", [round(0.1 * i, 2) for i in range(1, 11)]),
     "ties": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
     "lines": ("beta", [round(0.1 * i, 2) for i in range(0, 11)]),
+    "iso_c": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
+    "iso_cts": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
 }
 SEARCH_PARAMS: dict[str, tuple[dict, dict]] = {  # method -> (per model, shared)
     "task_arithmetic": ({"weight": 1.0}, {"normalize": False}),
     "ties": ({"weight": 1.0, "density": 0.2}, {}),
     "lines": ({"weight": 1.0}, {"alpha": "auto", "method": "task_arithmetic"}),
+    "iso_c": ({"weight": 1.0}, {}),
+    "iso_cts": ({"weight": 1.0}, {"common_space_fraction": 0.8}),
 }
+# Consensus (TALL) masks: an option of task arithmetic and TIES, at their searched λ.
+CONSENSUS = {"consensus_k": 2, "tall_mask_lambda": 0.6}
 FAMILY = {
     "dare_linear": ("task_arithmetic", {"density": 0.5}),
     "dare_ties": ("ties", {"density": 0.5}),
@@ -62,6 +72,8 @@ NOT_APPLICABLE = {
     "slerp": "interpolates exactly two models",
     "nuslerp": "interpolates exactly two models",
     "passthrough": "stacks layers (depth up-scaling); nothing to average",
+    "nearswap": "interpolates a base and exactly one model",
+    "arcee_fusion": "fuses a base and exactly one model",
 }
 
 
@@ -254,6 +266,7 @@ def run_bench(
             wanted is not None
             and method not in wanted
             and not any(FAMILY[m][0] == method for m in wanted if m in FAMILY)
+            and f"{method}+consensus" not in wanted
         ):
             continue
         t0 = time.perf_counter()
@@ -278,6 +291,18 @@ def run_bench(
                     found.best["score"],
                 )
             )
+    for parent in ("task_arithmetic", "ties"):
+        name = f"{parent}+consensus"
+        if parent not in best or (wanted is not None and name not in wanted):
+            continue
+        t0 = time.perf_counter()
+        per_model, shared = SEARCH_PARAMS[parent]
+        text = b.recipe(parent, per_model, {**shared, "lambda": best[parent], **CONSENSUS})
+        settings = (
+            f"TALL consensus k={CONSENSUS['consensus_k']}, "
+            f"λ_tall={CONSENSUS['tall_mask_lambda']}, λ={best[parent]:g} (from {parent})"
+        )
+        rows.append(b.test_row(name, "data-free", text, settings, t0))
     for method in METHODS:
         if method in SEARCH_GRIDS or method in NOT_APPLICABLE or METHODS[method].stats:
             continue
@@ -364,6 +389,10 @@ def _fixed(method: str, best: dict[str, float]) -> tuple[dict, dict, str]:
         return {"weight": 1.0}, {}, "uniform weights"
     if method == "model_stock":
         return {}, {}, "per-tensor t from the deltas' mean cosine"
+    if method == "tsv_m":
+        return {"weight": 1.0}, {"lambda": 1.0}, "top 1/T components per task, λ=1 (the paper's)"
+    if method in ("karcher", "sce", "ram", "ramplus_tl"):
+        return {}, {}, "mergekit's defaults"
     raise ValueError(
         f"the benchmark has no settings for {method}; add them to graft.eval.zoo_bench"
     )

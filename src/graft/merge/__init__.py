@@ -8,20 +8,27 @@ lookup, and its error names every valid method.
 from __future__ import annotations
 
 from graft.merge import (
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
     fisher,
+    iso,
+    karcher,
     linear,
     lines,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
     passthrough,
+    ram,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from graft.merge._spec import REQUIRED, MethodSpec, Param
 
@@ -40,7 +47,16 @@ METHODS: dict[str, MethodSpec] = {
     "nuslerp": nuslerp.SPEC,
     "multislerp": multislerp.SPEC,
     "passthrough": passthrough.SPEC,
+    "karcher": karcher.SPEC,
+    "sce": sce.SPEC,
+    "ram": ram.RAM_SPEC,
+    "ramplus_tl": ram.RAMPLUS_TL_SPEC,
+    "nearswap": nearswap.SPEC,
+    "arcee_fusion": arcee_fusion.SPEC,
     "lines": lines.SPEC,
+    "tsv_m": tsv.SPEC,
+    "iso_c": iso.ISO_C_SPEC,
+    "iso_cts": iso.ISO_CTS_SPEC,
     "fisher": fisher.SPEC,
     "regmean": regmean.SPEC,
 }

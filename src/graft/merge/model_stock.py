@@ -15,6 +15,9 @@ Conventions that change results (as mergekit):
 * Where ``|1 + (T − 1) cos θ| < 1e-6`` there is no finite estimate and ``t = 0`` (the base).
 * ``t`` is not clipped: a negative mean cosine gives ``t < 0`` (extrapolation away from the
   models' mean), as the formula says.
+* A per-model ``weight`` is accepted and ignored, as mergekit 0.1.5 does (its
+  ``model_stock`` declares only ``filter_wise`` and its resolver looks up only declared
+  parameters): the models' mean is unweighted, as in the paper.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def model_stock(
     base: torch.Tensor,
     *,
     filter_wise: bool = False,
+    weight: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Interpolate between the models' mean and the base by their delta geometry.
 
@@ -70,6 +74,7 @@ def model_stock(
         tensors: ``T ≥ 2`` fine-tuned tensors.
         base: the base model's tensor.
         filter_wise: one ratio per row instead of one per tensor.
+        weight: accepted for mergekit recipes; ignored, as mergekit ignores it.
 
     Returns:
         ``t·mean(θᵢ) + (1 − t)·θ₀``.
@@ -85,7 +90,16 @@ SPEC = MethodSpec(
     name="model_stock",
     fn=model_stock,
     summary="interpolate models' mean toward base by the angle between their deltas",
-    params=(Param("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),),
+    params=(
+        Param("filter_wise", bool, False, doc="one ratio per row instead of per tensor"),
+        Param(
+            "weight",
+            float,
+            1.0,
+            per_model=True,
+            doc="accepted for mergekit recipes; ignored, as mergekit ignores it",
+        ),
+    ),
     base="required",
     min_models=2,
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",

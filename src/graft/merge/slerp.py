@@ -15,6 +15,10 @@ Conventions that change results:
 * Computed in float32 (the engine casts inputs to ``compute_dtype``), as mergekit does for
   non-float64 inputs; never in bf16.
 * ``t`` is not clipped; values outside [0, 1] extrapolate along the arc.
+* A per-model ``weight`` is accepted and ignored, as mergekit 0.1.5 does: its ``slerp``
+  declares only ``t``, and its parameter resolver looks up only declared parameters, so
+  recipes that give the models weights (common in shared slerp recipes) run unchanged.
+  The interpolation factor is ``t`` alone.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def slerp(
     base: torch.Tensor,
     *,
     t: float,
+    weight: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """SLERP from the base (t = 0) to the single other model (t = 1).
 
@@ -69,6 +74,7 @@ def slerp(
         tensors: exactly one tensor (the non-base model).
         base: the base model's tensor.
         t: interpolation factor.
+        weight: accepted for mergekit recipes; ignored, as mergekit ignores it.
 
     Returns:
         The interpolated tensor.
@@ -80,7 +86,16 @@ SPEC = MethodSpec(
     name="slerp",
     fn=slerp,
     summary="spherical interpolation between base (t=0) and one model (t=1)",
-    params=(Param("t", float, REQUIRED, doc="interpolation factor: 0 = base, 1 = model"),),
+    params=(
+        Param("t", float, REQUIRED, doc="interpolation factor: 0 = base, 1 = model"),
+        Param(
+            "weight",
+            float,
+            1.0,
+            per_model=True,
+            doc="accepted for mergekit recipes; ignored, as mergekit ignores it",
+        ),
+    ),
     base="required",
     min_models=1,
     max_models=1,

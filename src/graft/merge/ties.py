@@ -22,6 +22,15 @@ Conventions that change results:
   untrimmed one, as mergekit does.
 * ``int8_mask`` is mergekit's memory option for the sign mask; it is accepted and does not
   change the result.
+
+Consensus TIES (Wang et al. 2024, "Localizing Task Information for Improved Model Merging
+and Compression", ICML), off unless ``consensus_k`` is set: after step 3, zero the entries
+of the merged delta ``τ`` on which fewer than ``consensus_k`` tasks' TALL masks
+``|δₜ| > tall_mask_lambda·|τ − δₜ|`` are on, then step 4. ``δₜ`` is the raw delta (untrimmed,
+unweighted) and ``τ`` this method's own merge before ``lambda``, as the reference code
+builds its TIES masks from its TIES merge (which is the sum form, ``normalize: false``,
+at density 0.2). Defaults and details as in :mod:`graft.merge.task_arithmetic`;
+``consensus_k: 0`` (the default) is plain TIES, bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from graft.merge._task_vectors import (
     per_model,
     task_vectors,
 )
+from graft.merge.task_arithmetic import consensus_mask, consensus_params
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -70,6 +80,8 @@ def ties(
     rescale: bool = False,
     scale: float = 1.0,
     int8_mask: bool = False,
+    consensus_k: int = 0,
+    tall_mask_lambda: float = 0.6,
 ) -> torch.Tensor:
     """Trim, elect sign, disjoint merge.
 
@@ -82,6 +94,8 @@ def ties(
         rescale: scale each trimmed delta back to its untrimmed L1 norm.
         scale: ``λ``, applied to the merged delta.
         int8_mask: accepted for mergekit recipes; no effect.
+        consensus_k: consensus merging's minimum TALL-mask count; 0 turns it off.
+        tall_mask_lambda: the TALL masks' threshold.
 
     Returns:
         The merged tensor.
@@ -94,6 +108,12 @@ def ties(
             k = int(p * deltas[i].numel())
             deltas[i].mul_(top_k_mask(deltas[i].abs(), k, ties="low"))  # trim in place
     merged = combine(deltas, weight, elect=True, normalize=normalize)
+    del deltas  # free the stack before the consensus masks' temporaries
+    if consensus_k > 0:
+        keep = consensus_mask(
+            tensors, base, merged, consensus_k=consensus_k, tall_mask_lambda=tall_mask_lambda
+        )
+        merged.masked_fill_(~keep, 0.0)
     return finish(base, merged, scale)
 
 
@@ -105,7 +125,8 @@ SPEC = MethodSpec(
         normalize=True,
         rescale=False,
         rescale_doc="scale each trimmed delta to its untrimmed L1 norm (mergekit)",
-    ),
+    )
+    + consensus_params(),
     base="required",
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
 )

@@ -5,6 +5,14 @@ Tensor names of Hugging Face models put the block index after a known container 
 outside the blocks: *pre* tensors (embeddings) come before them, *post* tensors (final
 norm, head, pooler) after. Depth up-scaling takes pre tensors from the first slice's
 models and post tensors from the last slice's, as mergekit does.
+
+A model can hold several *stacks* of blocks, numbered separately and often of different
+depths: T5's ``encoder.block.N`` and ``decoder.block.N``, CLIP's
+``text_model.encoder.layers.N`` and ``vision_model.encoder.layers.N``, a LLaVA-style
+model's language model and vision tower. A block's stack is the part of its name before
+the index (`BlockName.prefix`), the general rule mergekit's inferred architectures use
+too; `stack_depths` counts each stack, from the config key `STACK_DEPTH_KEYS` names for
+it when the config has one, else from the tensor names.
 """
 
 from __future__ import annotations
@@ -52,20 +60,78 @@ def split_block_name(name: str) -> BlockName | None:
     return BlockName(name[:start], int(m.group(3)), name[end:])
 
 
+# config.json keys holding the depth of one stack of a multi-stack model, by the end of
+# the stack's prefix (the longest matching entry wins); dotted keys look into sub-configs.
+# A stack listed nowhere is counted from its tensor names (highest index + 1).
+STACK_DEPTH_KEYS: dict[str, str] = {
+    "encoder.block.": "num_layers",  # T5, mT5, Flan-T5
+    "decoder.block.": "num_decoder_layers",  # T5
+    "encoder.layers.": "encoder_layers",  # BART, Marian, Whisper (model.encoder.layers.)
+    "decoder.layers.": "decoder_layers",  # BART, Marian, Whisper
+    "text_model.encoder.layers.": "text_config.num_hidden_layers",  # CLIP, SigLIP
+    "vision_model.encoder.layers.": "vision_config.num_hidden_layers",  # CLIP, SigLIP, LLaVA
+    "language_model.model.layers.": "text_config.num_hidden_layers",  # LLaVA, transformers 4
+    "language_model.layers.": "text_config.num_hidden_layers",  # LLaVA, transformers 5
+}
+
+
+def stack_depth_key(prefix: str) -> str | None:
+    """The config key that holds the depth of the stack ``prefix``, if one is known."""
+    ends = [end for end in STACK_DEPTH_KEYS if prefix == end or prefix.endswith("." + end)]
+    return STACK_DEPTH_KEYS[max(ends, key=len)] if ends else None
+
+
+def _config_value(config: Mapping | None, key: str) -> int | None:
+    value: object = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _config_count(config: Mapping | None) -> int | None:
+    for key in LAYER_COUNT_KEYS:
+        if (value := _config_value(config, key)) is not None:
+            return value
+    return None
+
+
+def stack_depths(names: Iterable[str], config: Mapping | None = None) -> dict[str, int]:
+    """Blocks per stack, keyed by stack prefix (``{"decoder.block.": 6, ...}``).
+
+    One stack: its depth is config.json's block count (`LAYER_COUNT_KEYS`) when it says,
+    else the highest index + 1. Several: each from its `STACK_DEPTH_KEYS` entry when the
+    config has it, else from its names. No blocks: an empty dict.
+    """
+    depths: dict[str, int] = {}
+    for name in names:
+        if (b := split_block_name(name)) is not None:
+            depths[b.prefix] = max(depths.get(b.prefix, 0), b.index + 1)
+    if len(depths) == 1:
+        count = _config_count(config)
+        return {prefix: count for prefix in depths} if count else depths
+    for prefix in depths:
+        key = stack_depth_key(prefix)
+        if key is not None and (value := _config_value(config, key)) is not None:
+            depths[prefix] = value
+    return depths
+
+
 def is_pre_block(name: str) -> bool:
     """True for tensors that precede the blocks (embeddings)."""
     return any(marker in name for marker in _PRE_MARKERS)
 
 
 def count_blocks(names: Iterable[str], config: Mapping | None = None) -> int:
-    """Number of residual blocks: from config.json when it says, else from tensor names."""
-    if config:
-        for key in LAYER_COUNT_KEYS:
-            value = config.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    indices = [b.index for n in names if (b := split_block_name(n)) is not None]
-    return max(indices) + 1 if indices else 0
+    """Number of residual blocks: from config.json when it says, else from tensor names.
+
+    For a model with several stacks, the deepest stack's (`stack_depths` gives each).
+    """
+    depths = stack_depths(names, config)
+    if len(depths) > 1:
+        return max(depths.values())
+    return _config_count(config) or next(iter(depths.values()), 0)
 
 
 def with_block_count(config: Mapping, source_layers: list[int]) -> dict:

@@ -20,6 +20,12 @@ Conventions that change results:
   from that model's embedding, as mergekit does, with a note.
 * Methods that take no base (linear...) merge a ``base_model`` that is not listed under
   ``models:`` as one more input, with the global parameters, as mergekit does.
+* Gradients run over each stack of blocks separately (T5's encoder and decoder, CLIP's
+  text and vision towers): block ``l`` of a stack of ``L`` gets ``t = l/(L − 1)``, as
+  mergekit's per-module plans do; a block numbered past its stack's configured depth
+  (e.g. a multi-token-prediction layer) gets ``t = 1``, with a note. The slices form,
+  which renumbers one stack, refuses models with several (mergekit, too, needs its
+  ``modules:`` syntax for them).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from graft.plan.arch import (
     is_pre_block,
     is_vocab_tensor,
     split_block_name,
+    stack_depths,
     tied_embedding,
     with_block_count,
 )
@@ -208,7 +215,7 @@ class _Planner:
         ref = self.ckpts[ref_model]
         if r.models is not None:
             num_layers = count_blocks(ref.names, ref.config)
-            self._plan_models(ref_model, num_layers)
+            self._plan_models(ref_model)
             source_layers = list(range(num_layers))
         else:
             source_layers = self._plan_slices()
@@ -244,7 +251,7 @@ class _Planner:
 
     # -- models: form ------------------------------------------------------------------
 
-    def _plan_models(self, ref_model: ModelRef, num_layers: int) -> None:
+    def _plan_models(self, ref_model: ModelRef) -> None:
         r = self.recipe
         assert r.models is not None
         base = r.base_model if self.method.base != "none" else None
@@ -259,19 +266,45 @@ class _Planner:
         if base is None and r.base_model is not None and r.base_model not in models:
             self._add_unlisted_base(r.base_model, models, scopes)
         others = [m for m in [*([base] if base else []), *models] if m != ref_model]
-        for name in self._union_names([ref_model, *others]):
+        names = self._union_names([ref_model, *others])
+        depths = stack_depths(names, self.ckpts[ref_model].config)
+        for name in names:
             block = split_block_name(name)
             layer = block.index if block else None
-            t = _t(layer, num_layers)
+            t = self._stack_t(block, depths)
             srcs = [Source(m, name) for m in models]
             base_src = Source(base, name) if base else None
             self._add_job(name, srcs, base_src, scopes, [r.parameters], t, layer)
+
+    def _stack_t(self, block: BlockName | None, depths: Mapping[str, int]) -> float:
+        """A block's gradient position within its own stack; 0 outside the blocks."""
+        if block is None:
+            return 0.0
+        depth = depths[block.prefix]
+        if block.index >= depth:
+            note = (
+                f"blocks {block.prefix}{depth} and up lie past the {depth} blocks config.json "
+                "gives that stack; gradients use t = 1 for them"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+            return 1.0
+        return block.index / (depth - 1) if depth > 1 else 1.0
 
     # -- slices: form ------------------------------------------------------------------
 
     def _plan_slices(self) -> list[int]:
         r = self.recipe
         assert r.slices is not None
+        for model in dict.fromkeys(s.model for sl in r.slices for s in sl.sources):
+            stacks = stack_depths(self.ckpts[model].names)
+            if len(stacks) > 1:
+                raise PlanError(
+                    f"model {model} has {len(stacks)} stacks of blocks "
+                    f"({', '.join(f'{p}N' for p in stacks)}); slices: renumbers a single "
+                    "stack, so merge it with the models: form (gradients then run over "
+                    "each stack)"
+                )
         out_layer = 0
         source_layers: list[int] = []
         self._plan_outside_blocks(r.slices[0], pre=True)
@@ -679,12 +712,6 @@ def _input_first(ckpt: Checkpoint, path: str) -> frozenset[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise PlanError(f"statistics file {path} has malformed graft_input_first metadata")
     return frozenset(names)
-
-
-def _t(layer: int | None, num_layers: int) -> float:
-    if layer is None:
-        return 0.0
-    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def _resolve_one(p: Param, scopes: list[Mapping], tensor: str, t: float, model: str | None) -> Any:
