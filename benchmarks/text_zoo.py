@@ -7,9 +7,13 @@ per task. Results are aggregated over seeds (mean ± sample standard deviation) 
 ``benchmarks/results/text-zoo.json`` and the tables of docs/benchmarks/text-zoo.md between
 ``<!-- text-zoo:start -->`` and ``<!-- text-zoo:end -->``.
 
-    python benchmarks/text_zoo.py [--seeds 0 1 2] [--cache DIR] [--quick]
+    python benchmarks/text_zoo.py [--seeds 0 1 2] [--cache DIR] [--quick] [--reuse]
 
-Cost on 2 cores: ~15 min to build each seed's zoo (once; cached), ~25 min of merging and
+Each seed's result is also kept beside its zoo (``<cache>/text-zoo-s<seed>.bench.json``);
+``--reuse`` takes a seed's kept result instead of rerunning it when it was made on the
+same zoo (same configuration hash) with every method the benchmark runs now.
+
+Cost on 2 cores: ~25 min to build each seed's zoo (once; cached), ~25 min of merging and
 evaluation per seed.
 """
 
@@ -46,11 +50,12 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "graft" / "bench")
     ap.add_argument("--quick", action="store_true", help="quick zoos (smoke test, not the doc)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "text-zoo.json")
+    ap.add_argument("--reuse", action="store_true", help="reuse each seed's kept result")
     args = ap.parse_args()
 
-    import torch
-
     from dataclasses import replace
+
+    import torch
 
     from graft.eval.zoo_bench import run_bench, text_bench_zoo
     from graft.zoo.text_zoo import FULL, QUICK, build_text_zoo
@@ -64,12 +69,24 @@ def main() -> None:
         t0 = time.perf_counter()
         zoo = build_text_zoo(root, seed=seed, config=config, log=_log)
         built = time.perf_counter() - t0
-        options = {"ada_steps": 5, "stats_samples": 16, "val_limit": 16} if args.quick else {}
-        result = run_bench(text_bench_zoo(root), log=_log, **options)
-        runs.append(
-            {"seed": seed, "zoo_report": zoo.report, "zoo_seconds": built, **result.to_json()}
-        )
-        _log(f"seed {seed} done in {result.seconds:.0f}s (+{built:.0f}s to load/build the zoo)")
+        kept = root.parent / f"{root.name}.bench.json"
+        zoo_hash = json.loads((root / "manifest.json").read_text())["config_hash"]
+        run = _kept_run(kept, zoo_hash) if args.reuse else None
+        if run is None:
+            options = {"ada_steps": 5, "stats_samples": 16, "val_limit": 16} if args.quick else {}
+            result = run_bench(text_bench_zoo(root), log=_log, **options)
+            run = {
+                "seed": seed,
+                "zoo_hash": zoo_hash,
+                "zoo_report": zoo.report,
+                "zoo_seconds": built,
+                **result.to_json(),
+            }
+            kept.write_text(json.dumps(run, indent=2) + "\n")
+            _log(f"seed {seed} done in {result.seconds:.0f}s (+{built:.0f}s to load/build the zoo)")
+        else:
+            _log(f"seed {seed}: reusing {kept}")
+        runs.append(run)
         # Written after every seed, so an interrupted run keeps the seeds it finished.
         doc = {
             "machine": f"{platform.node()} ({platform.machine()}, {_cores()} cores), torch "
@@ -86,16 +103,39 @@ def main() -> None:
     print(tables(doc))
 
 
+def _kept_run(path: Path, zoo_hash: str) -> dict | None:
+    """A seed's kept result, if made on this zoo with every method run now."""
+    from graft.eval.zoo_bench import NOT_APPLICABLE
+    from graft.merge import METHODS
+
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if run.get("zoo_hash") != zoo_hash:
+        return None
+    have = {r["method"] for r in run["rows"]}
+    wanted = set(METHODS) - set(NOT_APPLICABLE) - {"passthrough"}
+    missing = {m for m in wanted if not any(h == m or h.startswith(m + "_") for h in have)}
+    return None if missing else run
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per method: per-task, average and normalized test accuracy, mean and sample std
     over the seeds, and each seed's chosen settings."""
     out: dict[str, dict] = {}
     tasks = runs[0]["tasks"]
-    for row in runs[0]["rows"]:
-        method = row["method"]
-        per_seed = [next(r for r in run["rows"] if r["method"] == method) for run in runs]
-        entry = {"kind": row["kind"], "settings": [r["settings"] for r in per_seed]}
-        for key in ("average", "normalized"):
+    methods = list(dict.fromkeys(r["method"] for run in runs for r in run["rows"]))
+    for method in methods:
+        per_seed = [r for run in runs for r in run["rows"] if r["method"] == method]
+        entry = {
+            "kind": per_seed[0]["kind"],
+            "seeds": [
+                run["seed"] for run in runs if any(r["method"] == method for r in run["rows"])
+            ],
+            "settings": [r["settings"] for r in per_seed],
+        }
+        for key in ("average", "normalized"):  # over the seeds that ran this method
             entry[key] = _stats([r[key] for r in per_seed])
         entry["tasks"] = {t: _stats([r["accuracy"][t] for r in per_seed]) for t in tasks}
         out[method] = entry
@@ -127,6 +167,8 @@ def tables(doc: dict) -> str:
         cells = [f"{100 * e['tasks'][t]['mean']:.1f}" for t in tasks]
         avg, norm = e["average"], e["normalized"]
         settings = "; ".join(dict.fromkeys(e["settings"]))
+        if len(e["seeds"]) < len(runs):
+            settings += f" (seeds {', '.join(map(str, e['seeds']))} only)"
         lines.append(
             f"| {method} | "
             + " | ".join(cells)

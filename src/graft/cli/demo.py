@@ -25,7 +25,7 @@ def demo(
         typer.Option(
             "--zoo",
             help="digits (the quick first run, seconds), text (real MiniLM on 8 real text "
-            "tasks: ~15 min to build once, ~20 min to merge), or auto: text when its zoo "
+            "tasks: ~25 min to build once, ~30 min to merge), or auto: text when its zoo "
             "is already built in WORKDIR/text-zoo, else digits.",
         ),
     ] = "auto",
