@@ -110,7 +110,7 @@ def _time(method, shared, models, base, repeats, torch) -> float:
         value = shared.get(p.name, p.default)
         if p.name == "weight":
             value = 1.0
-        if value is None or value is getattr(sys.modules["graft.merge._spec"], "REQUIRED"):
+        if value is None or value is sys.modules["graft.merge._spec"].REQUIRED:
             continue
         kwargs[p.argname] = [value] * len(models) if p.per_model else value
     times = []

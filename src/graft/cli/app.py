@@ -18,11 +18,16 @@ from graft.cli import (
     lint_cmd,
     merge,
     methods,
+    moe_cmd,
     rank_cmd,
     search_cmd,
     soup_cmd,
     stats_cmd,
 )
+from graft.cli.continual_cmd import continual_app
+from graft.cli.distill_cmd import distill as distill_command
+from graft.cli.distill_cmd import update as update_command
+from graft.cli.twin_cmd import twin as twin_command
 from graft.cli.zoo_build_cmd import build as zoo_build
 from graft.cli.zoo_build_cmd import fetch_data as zoo_fetch_data
 from graft.cli.zoo_cmds import zoo_app
@@ -54,6 +59,7 @@ def _root(
 
 
 app.command("merge")(merge.merge)
+app.command("moe")(moe_cmd.moe)
 app.command("methods")(methods.methods)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("eval")(eval_cmd.eval_model)
@@ -61,8 +67,11 @@ app.command("stats")(stats_cmd.stats)
 app.command("soup")(soup_cmd.soup)
 app.command("search")(search_cmd.search)
 app.command("adamerging")(adamerging_cmd.adamerging)
+app.command("twin")(twin_command)
 app.command("check")(check_cmd.check)
 app.command("lint")(lint_cmd.lint)
+app.command("distill")(distill_command)
+app.command("update")(update_command)
 app.command("diff")(delta_cmds.diff)
 app.command("apply")(delta_cmds.apply)
 app.command("transfer")(delta_cmds.transfer)
@@ -72,6 +81,7 @@ app.command("merge-lora")(delta_cmds.merge_lora)
 zoo_app.command("build")(zoo_build)
 zoo_app.command("fetch-data")(zoo_fetch_data)
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(continual_app, name="continual")
 app.command("rank")(rank_cmd.rank)
 app.command("demo")(demo.demo)
 

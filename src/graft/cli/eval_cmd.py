@@ -56,6 +56,22 @@ def eval_model(
     max_length: MaxLengthOpt = None,
     pooling: PoolingOpt = None,
     batch_size: BatchSizeOpt = 32,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            "--routing",
+            help="Twin-Merging folders only: route each input (input, the default) or "
+            "each batch by its mean routing weights (batch).",
+        ),
+    ] = None,
+    modulator: Annotated[
+        str | None,
+        typer.Option(
+            "--modulator",
+            help="EMR folders only: the task whose model (base + its modulator) to run; "
+            "default: each task:NAME's own; 'unified' for the shared model.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -65,6 +81,8 @@ def eval_model(
     The head is --head, else for task:NAME data the zoo's head of that task (how merged
     backbones are judged: each task with its own head), else the model's own classifier
     (a *ForSequenceClassification folder) or its head.safetensors.
+    An EMR folder (`graft merge` with emr) runs task:NAME with task NAME's own model,
+    the base plus its modulator (--modulator picks another, or unified).
     """
     from graft.data import evaluate, open_model_data
 
@@ -75,9 +93,15 @@ def eval_model(
         raise RecipeError("nothing to evaluate on: pass --data FILE (or --task NAME)")
     options = data_options(text_column, text_pair_column, label_column, limit)
     results = {}
+    from graft.cli.twin_cmd import evaluate_routed, open_if_twin
+
+    twin = open_if_twin(model, routing)  # a Twin-Merging folder runs as the dynamic model
+    from graft.delta.emr import is_emr_folder
+
+    emr = twin is None and is_emr_folder(model)  # an EMR folder runs each task's own model
     for spec in dict.fromkeys(specs):
         runner, dataset = open_model_data(
-            model,
+            model if twin is None else twin.shared,
             spec,
             head=head,
             zoo=zoo,
@@ -86,8 +110,12 @@ def eval_model(
             pooling=pooling,
             max_length=max_length,
         )
+        params = _emr_params(runner, model, spec, modulator) if emr else None
         with count_progress(f"eval {spec}", len(dataset), enabled=not quiet) as hook:
-            r = evaluate(runner, dataset, batch_size=batch_size, progress=hook)
+            if twin is None:
+                r = evaluate(runner, dataset, batch_size=batch_size, params=params, progress=hook)
+            else:
+                r = evaluate_routed(twin, runner, dataset, routing, batch_size, hook)
         results[spec] = {**r, "head": runner.head_source, "data": dataset.name}
     if as_json:
         doc = {"model": str(model), "split": split, "results": results}
@@ -115,3 +143,21 @@ def _task_specs(tasks: list[str], zoo: Path | None) -> list[str]:
     except ZooError as e:
         raise RecipeError(f"{e}; run `graft demo` to build the digits zoo") from None
     return [f"task:{t}" for t in names] + [f"task:{t}" for t in tasks if t != "all"]
+
+
+def _emr_params(runner, model: Path, spec: str, modulator: str | None):
+    """The weights of the EMR task model ``spec`` asks for (None: the unified model)."""
+    from graft.delta.emr import read_manifest, task_state
+
+    name = modulator or (spec.removeprefix("task:") if spec.startswith("task:") else None)
+    if name == "unified":
+        return None
+    manifest = read_manifest(model)
+    if name is None:
+        valid = ", ".join(t.name for t in manifest.tasks)
+        raise RecipeError(
+            f"{model} is an EMR folder: each task has its own model; pass --modulator "
+            f"NAME ({valid}) or --modulator unified for the shared model"
+        )
+    manifest.task(name)  # fails naming the folder's tasks
+    return runner.bind(task_state(model, name), where=f"EMR task {name}'s model")

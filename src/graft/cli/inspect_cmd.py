@@ -17,7 +17,8 @@ from graft.plan.arch import count_blocks
 
 def inspect(
     path: Path = typer.Argument(
-        ..., help="Model folder, .safetensors or .bin/.pt file, or a hub id in the local cache."
+        ...,
+        help="Model folder, .safetensors, .gguf or .bin/.pt file, or a hub id in the local cache.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
@@ -45,6 +46,9 @@ def inspect(
             "params_by_dtype": dict(dtype_params),
             "files": sorted({str(i.file) for i in infos}),
         }
+        quant = getattr(ckpt, "quantization", None)  # FP8 / GGUF, dequantized as read
+        if quant is not None:
+            summary["quantization"] = quant.summary()
         if tensors or as_json:
             summary["tensors"] = [
                 {
@@ -65,6 +69,8 @@ def inspect(
     for dt, n in summary["params_by_dtype"].items():
         console.print(f"    {safe(dt)}: {n:,}")
     console.print(f"  files: {len(summary['files'])}")
+    if "quantization" in summary:
+        console.print(f"  stored as: {safe(summary['quantization'])}")
     if tensors:
         table = Table("tensor", "dtype", "shape")
         for t in summary["tensors"]:

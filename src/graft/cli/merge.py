@@ -14,7 +14,7 @@ from graft.cli._safe import safe
 from graft.io import parse_size
 from graft.io._atomic import check_output
 from graft.plan import MergePlan, default_threads, plan_merge, resolve_device, run_plan
-from graft.recipe import RecipeError, load_recipe
+from graft.recipe import RecipeError, load_recipes
 
 FORCE_ANY_HELP = (
     "Like --force, but replace OUT even if graft did not write it (deletes everything in "
@@ -51,6 +51,27 @@ def merge(
     strict: bool = typer.Option(False, "--strict", help="NaN/Inf in an input is an error."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan or the summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    intermediate_dir: Path | None = typer.Option(
+        None,
+        "--intermediate-dir",
+        "-I",
+        help="Multi-document recipes: keep each named document's output in DIR/<name> "
+        "(mergekit-multi's -I). Default: a temp folder beside OUT, removed afterwards.",
+    ),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        help="Split the merge by output shards across a Ray cluster: auto (the cluster "
+        "running here), local (start one here) or its address. Inputs and OUT must be on "
+        "storage every node sees. Needs graft[ray]; see docs/scale-out.md.",
+    ),
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        min=0,
+        help="With --ray: Ray tasks (0 = the cluster's CPUs), at most "
+        "one per output shard (a smaller --out-shard-size spreads wider).",
+    ),
 ) -> None:
     """Merge the models a RECIPE names into OUT, one tensor at a time.
 
@@ -64,7 +85,21 @@ def merge(
         check_output(out, inputs=[recipe], force=force, overwrite_anything=force_any)
     shard_bytes = parse_size(out_shard_size, what="--out-shard-size")
     resolve_device(device)
-    parsed = load_recipe(recipe)
+    steps = load_recipes(recipe)
+    if len(steps) > 1:  # several documents (mergekit-multi): graft/cli/_multi.py
+        from graft.cli._multi import merge_documents
+
+        if ray is not None:
+            raise RecipeError("--ray runs one recipe document; drop it for multi-document recipes")
+        return merge_documents(
+            recipe, steps, out, intermediate_dir=intermediate_dir, dry_run=dry_run,
+            seed=seed, allow_drop=allow_drop, as_json=as_json, quiet=quiet, force=force,
+            force_any=force_any, threads=threads, device=device, shard_bytes=shard_bytes,
+            strict=strict,
+        )  # fmt: skip
+    if intermediate_dir is not None:
+        raise RecipeError("--intermediate-dir is for recipes of several documents; drop it")
+    parsed = steps[0].recipe
     plan = plan_merge(parsed, seed=seed, allow_drop=allow_drop)
     console = Console(stderr=as_json)
     try:
@@ -80,18 +115,30 @@ def merge(
             return
         n_threads = threads or default_threads()
         total = sum(plan.input_bytes(j) for j in plan.jobs) + plan.output_bytes()
-        with tensor_progress("merging", len(plan.jobs), total, enabled=not quiet) as hook:
-            stats = run_plan(
-                plan,
-                out,
-                threads=n_threads,
-                device=device,
-                max_shard_bytes=shard_bytes,
-                force=force,
-                overwrite_anything=force_any,
-                strict=strict,
-                progress=hook,
+        options = dict(
+            threads=n_threads,
+            device=device,
+            max_shard_bytes=shard_bytes,
+            force=force,
+            overwrite_anything=force_any,
+            strict=strict,
+        )
+        emr = plan.method.name == "emr"  # the unified model plus per-task modulators
+        if emr and ray is not None:
+            raise RecipeError(
+                "merge_method emr writes per-task modulators on one machine; drop --ray"
             )
+        if ray is not None:
+            from graft._ray import connect
+            from graft.plan.distributed import run_plan_ray
+
+            connect(ray)  # before the bar: joining a cluster prints Ray's own lines
+            options.update(address=ray, workers=workers or None)
+        run = run_plan if ray is None else run_plan_ray
+        if emr:
+            from graft.delta.emr import run_emr as run
+        with tensor_progress("merging", len(plan.jobs), total, enabled=not quiet) as hook:
+            stats = run(plan, out, progress=hook, **options)
     finally:
         plan.close()
     err = Console(stderr=True)
@@ -108,6 +155,10 @@ def merge(
         "gb_per_s": round(stats.gb_per_s, 3),
         "warnings": stats.warnings,
     }
+    if plan.method.name == "emr":
+        from graft.delta.emr import read_manifest
+
+        result["emr_tasks"] = {t.name: t.scale for t in read_manifest(out).tasks}
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -116,6 +167,12 @@ def merge(
             f"{stats.bytes_written / 1e9:.2f} GB) in {stats.seconds:.1f}s, "
             f"{stats.gb_per_s:.2f} GB/s"
         )
+        if "emr_tasks" in result:
+            console.print(
+                f"EMR modulators in {safe(out)}/emr for tasks "
+                f"{safe(', '.join(result['emr_tasks']))}; task T's own model: graft apply "
+                f"BASE {safe(out)}/emr/T.safetensors -o DIR, or graft eval {safe(out)} --task T"
+            )
 
 
 def plan_summary(plan: MergePlan) -> dict:

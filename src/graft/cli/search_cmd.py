@@ -3,6 +3,7 @@ parameters on held-out data, merging each candidate in memory."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -65,6 +66,32 @@ def search(
     pooling: PoolingOpt = None,
     batch_size: BatchSizeOpt = 32,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    sampler: Annotated[
+        str,
+        typer.Option(
+            "--sampler",
+            help="grid (every candidate), random (--trials of them) or tpe (Optuna's "
+            "Bayesian TPE, --trials proposals; needs graft[search]).",
+        ),
+    ] = "grid",
+    trials: Annotated[
+        int | None, typer.Option("--trials", min=1, help="Candidates for random / tpe.")
+    ] = None,
+    sampler_seed: Annotated[
+        int, typer.Option("--sampler-seed", help="Seed of the random / tpe sampler.")
+    ] = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Evaluate candidates as parallel Ray trials: auto (the cluster running "
+            "here), local (start one here) or its address. Models and --data must be on "
+            "storage every node sees. Needs graft[ray]; see docs/scale-out.md.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="With --ray: trials at once (0 = CPUs).")
+    ] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -76,11 +103,13 @@ def search(
     A searched parameter is set globally and removed from every model and slice, so the
     candidate value applies everywhere. Candidates are merged by the same engine as
     `graft merge`, in memory (streamed to a scratch folder and memory-mapped when they do
-    not fit); nothing is written but OUT.
+    not fit); nothing is written but OUT. --sampler random / tpe try --trials candidates
+    instead of the whole grid; --ray runs them as parallel trials on a Ray cluster.
     """
     from graft.eval.candidates import CandidateMerger
     from graft.eval.search import parse_param_spec, search_recipe
     from graft.eval.tasks import load_tasks, score
+    from graft.eval.trials import SAMPLERS, count
 
     check_output(out, inputs=[recipe], force=force, kind="file")
     if split not in ("val", "test", "train"):
@@ -91,19 +120,23 @@ def search(
         if name in grid:
             raise RecipeError(f"--param {name} given twice; give each parameter once")
         grid[name] = values
-    n_candidates = 1
-    for values in grid.values():
-        n_candidates *= len(values)
+    n_candidates = count(grid)
     if n_candidates > 10_000:
         raise RecipeError(f"the grid has {n_candidates} candidates; narrow it to at most 10000")
+    if sampler not in SAMPLERS:
+        raise RecipeError(f"unknown --sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if sampler != "grid":
+        if trials is None:
+            raise RecipeError(f"--sampler {sampler} needs --trials N")
+        n_candidates = min(trials, n_candidates)
     parsed = load_recipe(recipe)
     models, reference = _recipe_models(parsed)
     inputs = [recipe, *models, *([reference] if reference else []), *(head or [])]
     inputs += [Path(d) for d in data if Path(d).exists()]
     check_output(out, inputs=inputs, force=force, kind="file")
-    tasks = load_tasks(
-        models,
-        data,
+    task_args = dict(
+        models=models,
+        data=data,
         heads=head or [],
         reference=reference,
         zoo=zoo,
@@ -112,7 +145,21 @@ def search(
         pooling=pooling,
         max_length=max_length,
     )
+    tasks = load_tasks(**task_args)  # here too: bad data fails before any trial starts
     merger = CandidateMerger(threads=threads or None, scratch=out.parent.resolve())
+    evaluate = None
+    if ray is not None:
+        from graft.eval.trials import RayTrials
+
+        root = parsed.root.resolve() if parsed.root is not None else None
+        evaluate = RayTrials(
+            ray,
+            _rebase(parsed.text, root, None),
+            root,
+            functools.partial(_task_scorer, _absolute(task_args), batch_size),
+            workers=workers or None,
+            threads=threads or None,
+        )
     try:
         with count_progress("search", n_candidates, unit="candidates", enabled=not quiet) as hook:
             result = search_recipe(
@@ -122,9 +169,15 @@ def search(
                 root=parsed.root,
                 merge=merger,
                 progress=hook,
+                sampler=sampler,
+                trials=trials,
+                seed=sampler_seed,
+                evaluate=evaluate,
             )
     finally:
         merger.close()
+        if evaluate is not None:
+            evaluate.close()
     text = _rebase(result.recipe, parsed.root, out.parent)
     from graft.io import write_text
 
@@ -132,6 +185,7 @@ def search(
     if as_json:
         doc = {
             "recipe": str(recipe),
+            "sampler": sampler,
             "grid": result.grid,
             "candidates": result.rows,
             "best": result.best,
@@ -153,15 +207,41 @@ def _recipe_models(parsed) -> tuple[list[str], str | None]:
     return paths, (str(resolve_model_path(base, parsed.root)) if base is not None else None)
 
 
-def _rebase(text: str, root: Path | None, out_dir: Path) -> str:
-    """The recipe with relative model paths rewritten for a file written in ``out_dir``."""
-    if root is None or root.resolve() == out_dir.resolve():
+def _task_scorer(task_args: dict, batch_size: int):
+    """On a Ray worker: load the validation tasks once; return ``score(state)``."""
+    from graft.eval.tasks import load_tasks, score
+
+    tasks = load_tasks(**task_args)
+    return lambda state: score(tasks, state, batch_size=batch_size)
+
+
+def _absolute(task_args: dict) -> dict:
+    """The task arguments with local paths absolute, for workers in other directories."""
+
+    def fix(p):
+        return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
+
+    out = dict(task_args)
+    for key in ("models", "data", "heads"):
+        out[key] = [fix(p) for p in task_args[key]]
+    out["reference"], out["zoo"] = fix(task_args["reference"]), fix(task_args["zoo"])
+    return out
+
+
+def _rebase(text: str, root: Path | None, out_dir: Path | None) -> str:
+    """The recipe with relative model paths rewritten for a file written in ``out_dir``
+    (None: for any directory, every relative path that exists made absolute)."""
+    if root is None or (out_dir is not None and root.resolve() == out_dir.resolve()):
         return text
     comment = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     doc = yaml.safe_load(text)
 
     def fix(value):
-        if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return value
+        if out_dir is None and Path(value).exists():  # as graft resolves it: cwd first
+            return str(Path(value).resolve())
+        if (root / value).exists():
             return str((root / value).resolve())
         return value
 

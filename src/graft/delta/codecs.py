@@ -13,6 +13,10 @@ a dense delta file is an ordinary state dict.
 * ``ternary``: ``mask`` and ``sign`` (packed bits, one per *kept* entry, 1 = positive)
   and ``scale`` (float32 scalar): kept entries are ``±scale``.
 * ``lowrank``: ``B`` (out x r) and ``A`` (r x in); the delta is ``B @ A``.
+* ``emr``: ``mask`` (packed bits, one per entry) and ``scale`` (float32 scalar) in the
+  patch, ``values`` (float32, the tensor's shape) in the *shared* file the patch names
+  (`SHARED_PARTS`), stored there under the tensor's own name: the delta is
+  ``scale · mask ⊙ values`` (an EMR-merging task modulator over the unified task vector).
 
 Decoders return float32 on the parts' device; they trust their inputs, which
 `graft.delta.patch` checks once when a patch is opened.
@@ -33,12 +37,20 @@ PARTS: dict[str, tuple[str, ...]] = {
     "sparse": ("mask", "values"),
     "ternary": ("mask", "sign", "scale"),
     "lowrank": ("B", "A"),
+    "emr": ("mask", "scale", "values"),
 }
 
+# Parts a codec reads from the file its patch shares with others (``graft_shared``), not
+# from the patch itself.
+SHARED_PARTS: dict[str, tuple[str, ...]] = {"emr": ("values",)}
 
-def part_name(tensor: str, part: str) -> str:
-    """The stored name of one part of a tensor's delta."""
-    return tensor if part == "" else f"{tensor}::{part}"
+
+def part_name(tensor: str, part: str, codec: str | None = None) -> str:
+    """The stored name of one part of a tensor's delta (a shared part of ``codec`` is
+    stored under the tensor's own name, in the shared file)."""
+    if part == "" or part in SHARED_PARTS.get(codec or "", ()):
+        return tensor
+    return f"{tensor}::{part}"
 
 
 def expected_parts(codec: str, shape: tuple[int, ...]) -> dict[str, tuple | None]:
@@ -50,6 +62,8 @@ def expected_parts(codec: str, shape: tuple[int, ...]) -> dict[str, tuple | None
         return {"mask": (packed_size(n),), "values": None}
     if codec == "ternary":
         return {"mask": (packed_size(n),), "sign": None, "scale": ()}
+    if codec == "emr":
+        return {"mask": (packed_size(n),), "scale": (), "values": shape}
     return {"B": None, "A": None}
 
 
@@ -76,6 +90,12 @@ def _lowrank(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch
     return (parts["B"].float() @ parts["A"].float()).view(shape)
 
 
+def _emr(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    values = parts["values"].float()
+    mask = unpack_bits(parts["mask"], math.prod(shape)).to(values.device).view(shape)
+    return values * mask * parts["scale"].float().to(values.device)
+
+
 def _dense(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     return parts[""].float()
 
@@ -85,6 +105,7 @@ DECODERS: dict[str, Callable[[Mapping[str, torch.Tensor], tuple[int, ...]], torc
     "sparse": _sparse,
     "ternary": _ternary,
     "lowrank": _lowrank,
+    "emr": _emr,
 }
 
 

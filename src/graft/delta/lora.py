@@ -345,6 +345,10 @@ class AdaptedCheckpoint:
         self.modules_root = base.modules_root
         self.metadata = base.metadata
 
+    def __reduce__(self):
+        # As `Checkpoint.__reduce__`: pickled as the two paths to open again.
+        return (open_adapted, (Path(self.path).absolute(), Path(self.adapter.path).absolute()))
+
     def __repr__(self) -> str:
         return f"AdaptedCheckpoint({str(self.path)!r} + {str(self.adapter.path)!r})"
 

@@ -9,7 +9,10 @@ A graft delta/patch is one ``.safetensors`` file. Its ``__metadata__`` says what
 * ``graft_finetuned`` / ``graft_finetuned_fingerprint``: the fine-tuned model;
 * ``graft_dtype``: the dtype of the delta values (the fine-tune's unless asked);
 * ``graft_params``: the compressor's parameters (JSON);
-* ``graft_layout``: JSON ``{tensor: {"codec": ..., "shape": [...]}}``, see `codecs`.
+* ``graft_layout``: JSON ``{tensor: {"codec": ..., "shape": [...]}}``, see `codecs`;
+* ``graft_shared`` (EMR task patches only): the name of a graft delta file in the same
+  folder holding the parts this patch shares with others (`codecs.SHARED_PARTS`); it must
+  record the same base.
 
 `open_delta` checks the layout against the stored tensors (every part present with the
 shape its codec needs), so a corrupt or hand-edited patch fails before anything is read.
@@ -68,6 +71,7 @@ class Delta:
     method: str
     layout: dict[str, Entry]
     metadata: dict[str, str] = field(default_factory=dict)
+    shared: Checkpoint | None = None  # the ``graft_shared`` file, when the patch names one
 
     @property
     def base_fingerprint(self) -> str | None:
@@ -79,10 +83,17 @@ class Delta:
 
     def nbytes(self, name: str) -> int:
         """Bytes stored for tensor ``name`` (all its parts)."""
-        return sum(self.file.info(p).nbytes for p in self.layout[name].parts.values())
+        entry = self.layout[name]
+        return sum(self._holder(entry, p).info(s).nbytes for p, s in entry.parts.items())
 
     def read_parts(self, name: str) -> dict[str, torch.Tensor]:
-        return {part: self.file.get(stored) for part, stored in self.layout[name].parts.items()}
+        entry = self.layout[name]
+        return {p: self._holder(entry, p).get(s) for p, s in entry.parts.items()}
+
+    def _holder(self, entry: Entry, part: str) -> Checkpoint:
+        if self.shared is not None and part in codecs.SHARED_PARTS.get(entry.codec, ()):
+            return self.shared
+        return self.file
 
     def replacement(self, name: str) -> torch.Tensor:
         """The stored value of a ``replace`` entry."""
@@ -121,6 +132,8 @@ class Delta:
 
     def close(self) -> None:
         self.file.close()
+        if self.shared is not None:
+            self.shared.close()
 
 
 def open_delta(path: str | os.PathLike) -> Delta:
@@ -138,14 +151,42 @@ def open_delta(path: str | os.PathLike) -> Delta:
             f"{p} is a folder but not a PEFT adapter; give a delta file from `graft diff`"
         )
     ckpt = open_checkpoint(p)
+    shared = None
     try:
-        return _open_file(p, ckpt)
+        shared = _open_shared(p, ckpt.metadata)
+        return _open_file(p, ckpt, shared)
     except BaseException:
         ckpt.close()
+        if shared is not None:
+            shared.close()
         raise
 
 
-def _open_file(p: Path, ckpt: Checkpoint) -> Delta:
+def _open_shared(p: Path, meta: dict[str, str]) -> Checkpoint | None:
+    """The ``graft_shared`` file a patch names (a plain file name in its folder), checked
+    to record the patch's base."""
+    name = meta.get("graft_shared")
+    if name is None:
+        return None
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise DeltaError(f"corrupt patch {p}: graft_shared {name!r} is not a file name")
+    path = p.parent / name
+    if not path.is_file():
+        raise DeltaError(
+            f"patch {p} reads its shared values from {path}, which is missing; keep the "
+            "folder graft wrote together (an EMR merge's emr/ folder)"
+        )
+    shared = open_checkpoint(path)
+    if shared.metadata.get("graft_base_fingerprint") != meta.get("graft_base_fingerprint"):
+        shared.close()
+        raise DeltaError(
+            f"patch {p} and its shared file {path} record different bases; they come from "
+            "different merges: re-run the merge"
+        )
+    return shared
+
+
+def _open_file(p: Path, ckpt: Checkpoint, shared: Checkpoint | None = None) -> Delta:
     meta = ckpt.metadata
     if "graft_delta" not in meta:
         raise DeltaError(
@@ -167,16 +208,22 @@ def _open_file(p: Path, ckpt: Checkpoint) -> Delta:
         if entry.codec not in codecs.PARTS:
             raise corrupt(f"tensor {name} has unknown codec {entry.codec!r}")
         for part, shape in codecs.expected_parts(entry.codec, entry.shape).items():
-            stored = codecs.part_name(name, part)
-            if stored not in ckpt:
+            holder = ckpt
+            if part in codecs.SHARED_PARTS.get(entry.codec, ()):
+                if shared is None:
+                    raise corrupt(f"tensor {name} needs a graft_shared file, which it lacks")
+                holder = shared
+            stored = codecs.part_name(name, part, entry.codec)
+            if stored not in holder:
                 raise corrupt(f"part {stored!r} of tensor {name} is missing")
-            have = tuple(ckpt.info(stored).shape)
+            have = tuple(holder.info(stored).shape)
             if shape is not None and have != tuple(shape):
                 raise corrupt(f"part {stored!r} has shape {have}, its codec needs {tuple(shape)}")
             entry.parts[part] = stored
         if entry.codec == "lowrank":
             _check_factors(name, entry, ckpt, corrupt)
-    return Delta(p, ckpt, meta.get("graft_delta_method", "dense"), layout, dict(meta))
+    method = meta.get("graft_delta_method", "dense")
+    return Delta(p, ckpt, method, layout, dict(meta), shared)
 
 
 def _check_factors(name, entry: Entry, ckpt: Checkpoint, corrupt) -> None:

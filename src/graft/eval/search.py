@@ -292,57 +292,90 @@ def _scopes(doc: dict):
                     yield src
 
 
+def evaluate_candidate(
+    text: str,
+    params: Mapping[str, Any],
+    score: Callable[[dict[str, torch.Tensor]], tuple[float, dict[str, float]]],
+    *,
+    root=None,
+    merge: Callable,
+) -> dict:
+    """One trial: plan the candidate recipe, merge it (``merge(plan) -> state``), score it.
+
+    Returns:
+        ``{"params", "score", "per_task", "seconds"}``, a row of `RecipeSearch.rows`.
+    """
+    import time
+
+    from graft.plan import plan_merge
+    from graft.recipe import parse_recipe
+
+    start = time.perf_counter()
+    plan = plan_merge(parse_recipe(candidate_recipe(text, params), root=root))
+    try:
+        state = merge(plan)
+    finally:
+        plan.close()
+    mean, per_task = score(state)
+    del state
+    return {
+        "params": dict(params),
+        "score": mean,
+        "per_task": per_task,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def search_recipe(
     text: str,
     grid: Mapping[str, Sequence],
-    score: Callable[[dict[str, torch.Tensor]], tuple[float, dict[str, float]]],
+    score: Callable[[dict[str, torch.Tensor]], tuple[float, dict[str, float]]] | None,
     *,
     root=None,
     threads: int | None = None,
     merge: Callable | None = None,
     progress: Callable[[int], None] | None = None,
+    sampler: str = "grid",
+    trials: int | None = None,
+    seed: int = 0,
+    evaluate: Callable | None = None,
 ) -> RecipeSearch:
-    """Merge every candidate of ``grid`` (the cartesian product, in order) and score it.
+    """Merge candidates of ``grid`` and score each; the best becomes the recipe.
 
     Args:
         text: the recipe YAML.
         grid: parameter -> values.
-        score: merged state -> (mean accuracy, per task).
+        score: merged state -> (mean accuracy, per task); unused with ``evaluate``.
         root: the recipe's folder (relative model paths).
         threads: engine threads.
         merge: plan -> state (default: `graft.plan.merge_in_memory`).
         progress: called with 1 after each candidate.
+        sampler: ``grid`` (the cartesian product, in order), ``random`` or ``tpe``
+            (``trials`` candidates; `graft.eval.trials`).
+        trials: candidates to try with ``random`` / ``tpe``.
+        seed: the sampler's seed.
+        evaluate: ``evaluate(params_list, progress) -> rows`` evaluating candidates
+            concurrently, with a ``width`` (how many at once), such as
+            `graft.eval.trials.RayTrials`; default: one after another here.
     """
-    import itertools
-    import time
+    from graft.eval import trials as sampling
+    from graft.plan import merge_in_memory
 
-    from graft.plan import merge_in_memory, plan_merge
-    from graft.recipe import parse_recipe
+    if evaluate is None:
+        merge = merge or (lambda plan: merge_in_memory(plan, threads=threads))
 
-    merge = merge or (lambda plan: merge_in_memory(plan, threads=threads))
+        def evaluate(batch, progress=None):
+            rows = []
+            for params in batch:
+                rows.append(evaluate_candidate(text, params, score, root=root, merge=merge))
+                if progress is not None:
+                    progress(1)
+            return rows
+
     names = list(grid)
-    rows = []
-    for values in itertools.product(*(grid[n] for n in names)):
-        params = dict(zip(names, values, strict=True))
-        start = time.perf_counter()
-        candidate = candidate_recipe(text, params)
-        plan = plan_merge(parse_recipe(candidate, root=root))
-        try:
-            state = merge(plan)
-        finally:
-            plan.close()
-        mean, per_task = score(state)
-        del state
-        rows.append(
-            {
-                "params": params,
-                "score": mean,
-                "per_task": per_task,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        if progress is not None:
-            progress(1)
+    rows = sampling.run(
+        grid, evaluate, sampler=sampler, trials=trials, seed=seed, progress=progress
+    )
     best = max(rows, key=lambda r: r["score"])  # max keeps the first of equal scores
     comment = (
         f"# graft search: {', '.join(f'{k}={v}' for k, v in best['params'].items())} "

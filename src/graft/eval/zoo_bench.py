@@ -19,12 +19,21 @@ split, every reported number is on the **test** split):
 * the DARE / breadcrumbs / DELLA variants reuse their family's λ at density 0.5 (DELLA
   ε 0.1, breadcrumbs γ 0.01), and so do the consensus (TALL mask) variants of task
   arithmetic and TIES (k 2, λ_tall 0.6); TSV-M runs at the paper's λ = 1 with 1/T of each
-  task's components; linear (simple average), Model Stock, multi-SLERP, Karcher, SCE,
-  RAM and RAM+ have nothing to tune (mergekit's defaults);
+  task's components; OPCM (continual, the models in the zoo's task order) at
+  α = 0.5; linear (simple average), Model Stock, multi-SLERP, Karcher, SCE,
+  RAM and RAM+ have nothing to tune (mergekit's defaults); WUDI at the paper's settings
+  (300 Adam steps at lr 1e-5 from the task-arithmetic sum, λ = 1) and, as the row
+  ``wudi+closed_form``, its objective's exact minimiser;
+* EMR is tuning-free and is **not one merged model**: each task is judged with its own
+  modulated model, base + λₜ·Mₜ⊙τ_uni (the EMR folder `graft merge` writes);
 * data-aware: Fisher (empirical, normalised per model) and RegMean (α 0.9) from
   ``stats_samples`` training examples per task; AdaMerging task-wise and layer-wise (one
   coefficient per tensor) by entropy on the unlabeled **test** inputs, the paper's
-  test-time setting.
+  test-time setting;
+* Twin-Merging (kind ``data-aware (routed)``, **not one merged model**: each input gets
+  its own mix): shared expert = task arithmetic at the searched λ, exclusive parts at the
+  paper's 10% rank, router trained on the validation inputs, every test input routed on
+  its own; the settings give the routing accuracy and the storage in models.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ NOT_APPLICABLE = {
     "nearswap": "interpolates a base and exactly one model",
     "arcee_fusion": "fuses a base and exactly one model",
 }
+# Methods whose rows are made by their own code: EMR gives each task its own model.
+PER_TASK_MODELS = {"emr"}
 
 
 @dataclass(frozen=True)
@@ -306,6 +317,8 @@ def run_bench(
     for method in METHODS:
         if method in SEARCH_GRIDS or method in NOT_APPLICABLE or METHODS[method].stats:
             continue
+        if method in PER_TASK_MODELS:
+            continue
         if wanted is not None and method not in wanted:
             continue
         t0 = time.perf_counter()
@@ -319,7 +332,15 @@ def run_bench(
                 t0,
             )
         )
+    if wanted is None or "wudi+closed_form" in wanted:
+        t0 = time.perf_counter()
+        text = b.recipe("wudi", {}, {"solver": "closed_form"})
+        rows.append(b.test_row("wudi+closed_form", "data-free", text, WUDI_EXACT, t0))
+    if wanted is None or "emr" in wanted:
+        rows.append(_emr_row(b))
     rows += _data_aware(b, wanted, stats_samples, ada_steps, ada_lr)
+    if wanted is None or "twin-merging" in wanted:
+        rows.append(_twin_row(b, best.get("task_arithmetic")))
     b.merge.close()
     return BenchResult(zoo.name, b.tasks, rows, dict(NOT_APPLICABLE), time.perf_counter() - start)
 
@@ -391,11 +412,55 @@ def _fixed(method: str, best: dict[str, float]) -> tuple[dict, dict, str]:
         return {}, {}, "per-tensor t from the deltas' mean cosine"
     if method == "tsv_m":
         return {"weight": 1.0}, {"lambda": 1.0}, "top 1/T components per task, λ=1 (the paper's)"
+    if method == "opcm":
+        return {}, {"alpha": 0.5}, "models in the zoo's task order, α=0.5, per-tensor norm λ"
     if method in ("karcher", "sce", "ram", "ramplus_tl"):
         return {}, {}, "mergekit's defaults"
+    if method == "wudi":
+        shared = {"solver": "adam", "steps": 300, "lr": 1e-5}
+        return {}, shared, "300 Adam steps, lr 1e-5, from the sum; λ=1 (the paper's)"
     raise ValueError(
         f"the benchmark has no settings for {method}; add them to graft.eval.zoo_bench"
     )
+
+
+WUDI_EXACT = "closed-form minimiser of WUDI's objective; λ=1"
+
+
+def _emr_row(b: _Bench) -> Row:
+    """EMR: merge into an EMR folder (under ``save_to/merged/emr`` or a temp folder), then
+    judge each task with its own model, base + λₜ·Mₜ⊙τ_uni."""
+    import tempfile
+
+    from graft.delta.emr import read_manifest, run_emr, task_state
+    from graft.io import write_text
+    from graft.plan import plan_merge
+    from graft.recipe import parse_recipe
+
+    t0 = time.perf_counter()
+    text = b.recipe("emr", {}, {})
+    with tempfile.TemporaryDirectory(prefix="graft-bench-emr-") as tmp:
+        out = (b.save_to / "merged" / "emr") if b.save_to is not None else Path(tmp) / "emr"
+        plan = plan_merge(parse_recipe(text))
+        try:
+            run_emr(plan, out, threads=b.threads, force=True)
+        finally:
+            plan.close()
+        if b.save_to is not None:
+            write_text(b.save_to / "recipes" / "emr.yaml", text)
+        tasks = read_manifest(out).tasks  # in recipe order, which is b.tasks' order
+        accuracy = {}
+        for task, own in zip(b.test, tasks, strict=True):
+            _, acc = score([task], task_state(out, own.name), batch_size=b.batch_size)
+            accuracy[task.name] = acc[task.name]
+    scales = [t.scale for t in tasks]
+    settings = (
+        f"per-task models, not one merged model: base + λₜ·Mₜ⊙τ_uni, λₜ "
+        f"{min(scales):.2f}–{max(scales):.2f}; 1 bit per weight per task"
+    )
+    row = Row("emr", "data-free", accuracy, settings, time.perf_counter() - t0)
+    b.log(f"emr: test mean {row.mean():.1%} ({settings})")
+    return row
 
 
 def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: float) -> list[Row]:
@@ -453,6 +518,55 @@ def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: f
             )
         )
     return rows
+
+
+TWIN_KEEP = 0.1  # the paper's: 10% of each exclusive matrix's spectrum
+
+
+def _twin_row(b: _Bench, lam: float | None) -> Row:
+    """Twin-Merging (`graft.twin`): shared expert = task arithmetic at the λ searched
+    above (0.3 without a search), exclusive parts at the paper's keep ratio, the router
+    trained on the validation inputs; every test input routed on its own. The folder goes
+    to ``save_to/merged/twin-merging`` (or a temp folder)."""
+    import tempfile
+
+    from graft.twin import build_twin, open_twin
+    from graft.twin.build import task_names
+
+    t0 = time.perf_counter()
+    lam = 0.3 if lam is None else lam
+    names = task_names(b.tasks)
+    with tempfile.TemporaryDirectory(prefix="graft-bench-twin-") as tmp:
+        out = Path(tmp) / "twin" if b.save_to is None else b.save_to / "merged" / "twin-merging"
+        report = build_twin(
+            b.zoo.base,
+            [b.zoo.finetuned[t] for t in b.tasks],
+            [t.data for t in b.val],
+            out,
+            names=names,
+            head=b.zoo.heads[b.tasks[0]],
+            lam=lam,
+            keep=TWIN_KEEP,
+            threads=b.threads,
+            force=True,
+        )
+        twin = open_twin(out)
+        accuracy, own = {}, []
+        for name, task in zip(names, b.test, strict=True):
+            runner = load_runner(twin.shared, head=b.zoo.heads[task.name])
+            r = twin.evaluate(runner, task.data, batch_size=b.batch_size)
+            accuracy[task.name] = r["accuracy"]
+            own.append(r["routed"][name])
+    s, n = report.storage, len(b.tasks)
+    settings = (
+        f"shared: task arithmetic λ={lam:g}; exclusive rank ⌊{TWIN_KEEP:g}·min side⌋; router "
+        f"on {sum(len(t.data) for t in b.val)} val inputs; per input, {np.mean(own):.0%} of "
+        f"test inputs routed to their task; storage {s['total'] * n / s['finetuned']:.2f} "
+        f"models vs {n} ({s['total'] / s['finetuned']:.0%})"
+    )
+    row = Row("twin-merging", "data-aware (routed)", accuracy, settings, time.perf_counter() - t0)
+    b.log(f"twin-merging: test mean {row.mean():.1%} ({settings})")
+    return row
 
 
 def _unlabeled(data: Dataset) -> Dataset:

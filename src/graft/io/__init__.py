@@ -11,7 +11,10 @@ from graft.io._atomic import (
     atomic_output_file,
     check_output,
     is_graft_output,
+    remove_parts,
     remove_stale_temps,
+    scratch_dir,
+    staging_part,
 )
 from graft.io._checkpoint import Checkpoint, open_checkpoint
 from graft.io._discover import (
@@ -24,8 +27,18 @@ from graft.io._discover import (
 )
 from graft.io._errors import GraftIOError
 from graft.io._format import TensorInfo, read_safetensors_header
+from graft.io._fp8 import (
+    DEFAULT_FP8_BLOCK,
+    dequantize_fp8,
+    fp8_config,
+    fp8_scale_name,
+    fp8_scale_shape,
+    quantize_fp8,
+)
+from graft.io._quant import DecodedCheckpoint, Quantization
 from graft.io._readers import (
     load_yaml,
+    load_yaml_documents,
     model_files,
     open_binary,
     read_arrays,
@@ -33,6 +46,7 @@ from graft.io._readers import (
     read_json,
     read_model_card,
 )
+from graft.io._remote import is_url
 from graft.io._sample import fingerprint_nbytes, header_nbytes, read_rows
 from graft.io._sidecar import (
     copy_sentence_transformers_files,
@@ -51,15 +65,32 @@ from graft.io._state_dict import (
     save_state_dict,
     save_statistics,
 )
-from graft.io._writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, SizeError, parse_size
+from graft.io._tokenizer import (
+    has_tokenizer,
+    load_tokenizer,
+    read_chat_template,
+    save_tokenizer,
+    write_chat_template,
+)
+from graft.io._writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedWriter,
+    SizeError,
+    parse_size,
+    plan_shards,
+    write_shard_index,
+)
 
 __all__ = [
+    "DEFAULT_FP8_BLOCK",
     "DEFAULT_MAX_SHARD_BYTES",
     "MARKER",
     "Adapter",
     "CachedSnapshot",
     "Checkpoint",
+    "DecodedCheckpoint",
     "GraftIOError",
+    "Quantization",
     "ShardedWriter",
     "SizeError",
     "SpoolWriter",
@@ -71,16 +102,24 @@ __all__ = [
     "copy_sidecar_files",
     "copy_tokenizer",
     "default_db_path",
+    "dequantize_fp8",
     "discover_checkpoints",
     "file_stats",
     "fingerprint_nbytes",
+    "fp8_config",
+    "fp8_scale_name",
+    "fp8_scale_shape",
+    "has_tokenizer",
     "header_nbytes",
     "is_adapter_dir",
     "is_graft_output",
     "is_hf_cache",
     "is_model_dir",
+    "is_url",
     "load_state_dict",
+    "load_tokenizer",
     "load_yaml",
+    "load_yaml_documents",
     "mmap_state_dict",
     "model_files",
     "open_adapter",
@@ -88,18 +127,27 @@ __all__ = [
     "open_checkpoint",
     "open_db",
     "parse_size",
+    "plan_shards",
+    "quantize_fp8",
     "read_arrays",
+    "read_chat_template",
     "read_dataset",
     "read_json",
     "read_model_card",
     "read_rows",
     "read_safetensors_header",
     "recipe_hash",
+    "remove_parts",
     "remove_stale_temps",
     "safe_source",
+    "scratch_dir",
     "save_state_dict",
+    "save_tokenizer",
     "save_statistics",
     "scan_hf_cache",
+    "staging_part",
+    "write_chat_template",
     "write_model_card",
+    "write_shard_index",
     "write_text",
 ]

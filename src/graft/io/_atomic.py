@@ -241,6 +241,53 @@ def atomic_output_file(
 
 
 @contextlib.contextmanager
+def scratch_dir(near: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temp dir beside ``near`` for intermediate outputs (multi-document
+    recipes), removed when the block ends, whatever happens; after a SIGKILL the next run
+    into ``near`` removes it (it is named like `atomic_output_dir`'s temp dirs)."""
+    with _staging(Path(near)) as tmp:
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PART = ".part-"  # a worker's private folder inside a staging folder
+
+
+@contextlib.contextmanager
+def staging_part(stage: str | os.PathLike, key: str) -> Iterator[Path]:
+    """A private folder inside the staging folder ``stage`` (from `atomic_output_dir`) for
+    one of several writers of an output, e.g. a task of a distributed merge. On success its
+    files are renamed into ``stage`` (replacing any an earlier, killed attempt published);
+    on any exit the folder is removed. A writer killed midway leaves only its own folder,
+    which `remove_parts` clears.
+
+    Raises:
+        GraftIOError: ``stage`` is not a folder this machine sees (not shared storage).
+    """
+    stage = Path(stage)
+    if not stage.is_dir():
+        raise GraftIOError(
+            f"the staging folder {stage} is not visible on {socket.gethostname()}; put the "
+            "output on storage every node mounts at the same path"
+        )
+    part = Path(tempfile.mkdtemp(prefix=f"{_PART}{key}-", dir=stage))
+    try:
+        yield part
+        for file in sorted(part.iterdir()):
+            os.replace(file, stage / file.name)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def remove_parts(stage: str | os.PathLike) -> None:
+    """Remove the `staging_part` folders that killed writers left in ``stage``."""
+    for part in Path(stage).glob(f"{_PART}*"):
+        shutil.rmtree(part, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def _staging(target: Path) -> Iterator[Path]:
     """A fresh temp dir beside ``target`` (stale ones of dead runs removed first), removed
     again on any exception; SIGTERM is turned into `Terminated` meanwhile."""

@@ -18,6 +18,7 @@ from graft.io._readers import _show, open_regular, read_json
 _ST_INDEX, _ST_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _PT_INDEX, _PT_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_GGUF = ".gguf"
 _MODULES = "modules.json"  # sentence-transformers
 _HUB_REPOS = ("models--", "datasets--")  # repo folders of the Hugging Face hub cache
 
@@ -111,6 +112,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+    def __reduce__(self):
+        # Pickled (to a Ray worker of a distributed merge) as "open this path again": open
+        # files do not travel, and an absolute path still names it from another directory.
+        return (open_checkpoint, (Path(self.path).absolute(),))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -211,6 +217,22 @@ class Checkpoint:
             _pread_into(self._fd(info.file), out, self._offsets[name], info.file)
         return out
 
+    quantization = None  # `graft.io._quant.Quantization` for checkpoints decoded as read
+
+    def stored_format(self, name: str) -> str | None:
+        """How tensor ``name`` is stored when that differs from what `get` returns
+        (``Q4_1``, ``float8_e4m3fn 128x128``...); None for a tensor read as stored."""
+        self.info(name)
+        return None
+
+    def _reads_whole(self, name: str) -> bool:
+        """True when ``name`` cannot be read in parts (loaded torch files, decoded tensors)."""
+        return self._loaded is not None
+
+    def _stored_info(self, name: str) -> TensorInfo:
+        """The header entry of a stored tensor (which decoded checkpoints may not list)."""
+        return self._infos[name]
+
     def close(self) -> None:
         """Close the open files. Tensors already returned are unaffected."""
         with self._lock:
@@ -275,7 +297,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     Accepts a Hugging Face model dir (``model.safetensors``, sharded safetensors with
     ``model.safetensors.index.json``, or ``pytorch_model.bin`` / its sharded index), a
-    single ``.safetensors`` file, or a ``.bin``/``.pt``/``.pth`` file. Torch files are read
+    single ``.safetensors`` file, a ``.gguf`` file (needs ``graft[gguf]``; tensors and
+    config mapped to the Hugging Face layout, `graft.io._gguf`) or a ``.bin``/``.pt``/
+    ``.pth`` file, or any of the safetensors forms at an fsspec URL (``s3://``,
+    ``file://``..., `graft.io._remote`). FP8 safetensors (float8 weights with their scales) read dequantized
+    (`graft.io._fp8`); `Checkpoint.quantization` says what is stored. Torch files are read
     only with ``torch.load(weights_only=True)``, which refuses pickled code (memory-mapped,
     except legacy non-zip files). A sentence-transformers folder in the older layout, whose
     ``modules.json`` puts the transformer in ``0_Transformer/``, is read from there
@@ -284,22 +310,49 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     blobs excepted); only regular files are read.
 
     Raises:
-        GraftIOError: the path is missing, holds nothing loadable, is a PEFT adapter, or a
+        GraftIOError: the path is missing, holds nothing loadable, is a PEFT adapter, is
+            quantized in a format graft cannot decode (bitsandbytes, AWQ, GPTQ...), or a
             file in it is corrupt or unsafe.
     """
+    from graft.io._remote import is_url, open_url  # it builds on this module
+
+    if is_url(path):  # s3://, gs://, file://...: byte ranges through fsspec
+        return open_url(path)  # type: ignore[arg-type]
     given = Path(path)
     if not given.exists():
         raise GraftIOError(f"no such file or directory: {given}")
     if given.is_dir():
-        return _open_dir(given)
+        return _dequantized(_open_dir(given))
     if given.suffix == ".safetensors":
-        return _open_safetensors(given, None, [given], None)
+        return _dequantized(_open_safetensors(given, None, [given], None))
     if given.suffix in _TORCH_SUFFIXES:
         return _open_torch(given, None, [given], None)
+    if given.suffix == _GGUF:
+        from graft.io._gguf import open_gguf  # the optional gguf package, imported lazily
+
+        return open_gguf(given)
     raise GraftIOError(
-        f"{given} is not a checkpoint graft reads; pass a .safetensors, .bin, .pt or .pth "
-        "file or a Hugging Face model directory"
+        f"{given} is not a checkpoint graft reads; pass a .safetensors, .gguf, .bin, .pt or "
+        ".pth file or a Hugging Face model directory"
     )
+
+
+def _dequantized(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt``, or its dequantized view when it holds FP8 weights (`graft.io._fp8`);
+    quantized formats graft cannot decode are refused (`check_quantization_config`)."""
+    from graft.io._fp8 import open_fp8  # these modules build on this one
+    from graft.io._quant import check_quantization_config
+
+    try:
+        config = ckpt.config
+    except GraftIOError:
+        return ckpt  # reading `config` reports it, as for any checkpoint
+    try:
+        method = check_quantization_config(config, ckpt.root or ckpt.path)
+        return open_fp8(ckpt, method)
+    except BaseException:
+        ckpt.close()
+        raise
 
 
 def _open_dir(d: Path) -> Checkpoint:
@@ -315,7 +368,9 @@ def _open_dir(d: Path) -> Checkpoint:
             f"{d} is a PEFT adapter (adapter_config.json), not a full checkpoint; "
             "merge it into its base model first or pass the base model directory"
         )
-    found = sorted(p.name for p in d.iterdir() if p.suffix in (".safetensors", *_TORCH_SUFFIXES))
+    found = sorted(
+        p.name for p in d.iterdir() if p.suffix in (".safetensors", _GGUF, *_TORCH_SUFFIXES)
+    )
     hint = f"; found {', '.join(found)}: pass one of those files directly" if found else ""
     raise GraftIOError(
         f"no checkpoint in {d}: expected {_ST_SINGLE}, {_ST_INDEX}, {_PT_SINGLE} or {_PT_INDEX}"

@@ -99,25 +99,34 @@ def parse_header(path: Path) -> Header:
             inconsistent with the file size.
     """
 
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return decode_header(path, size, lambda start, n: os.pread(f.fileno(), n, start))
+    except OSError as e:
+        raise GraftIOError(
+            f"cannot read {path}: {e.strerror}; check the path and permissions"
+        ) from e
+
+
+def decode_header(path: Path, size: int, read) -> Header:
+    """`parse_header` for a file of ``size`` bytes read through ``read(start, n) -> bytes``
+    (a local file, or a byte-range request to object storage, `graft.io._remote`)."""
+
     def corrupt(why: str) -> GraftIOError:
         return GraftIOError(
             f"corrupt or truncated safetensors file {path}: {why}; re-download or re-save it"
         )
 
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise corrupt(f"{size} bytes is too short to hold a header")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise corrupt(f"header length {n} does not fit a {size}-byte file")
-            raw = f.read(n)
-    except OSError as e:
-        raise GraftIOError(
-            f"cannot read {path}: {e.strerror}; check the path and permissions"
-        ) from e
+    if size < 8:
+        raise corrupt(f"{size} bytes is too short to hold a header")
+    (n,) = struct.unpack("<Q", read(0, 8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise corrupt(f"header length {n} does not fit a {size}-byte file")
+    raw = read(8, n)
+    if len(raw) != n:
+        raise corrupt(f"header of {n} bytes ends after {len(raw)}")
     try:
         header = loads_json(raw, unique_keys=True, strict=True, max_depth=None)
     except ValueError as e:

@@ -349,6 +349,41 @@ def load_yaml(text: str, *, max_nodes: int, max_depth: int = MAX_NESTING) -> obj
             loader.dispose()
 
 
+def load_yaml_documents(
+    text: str, *, max_nodes: int, max_depth: int = MAX_NESTING
+) -> list[tuple[object, str]]:
+    """Every document of a multi-document YAML stream (``---`` separated), bounded as
+    `load_yaml` (``max_nodes`` counts all documents together), each with its own source
+    text (from its first node to its last, for a recipe's model card).
+
+    Raises:
+        ValueError: as `load_yaml`.
+    """
+    loader = None
+    docs: list[tuple[object, str]] = []
+    try:
+        loader = _BoundedLoader(text)
+        loader.max_nodes, loader.max_depth = max_nodes, max_depth
+        while loader.check_node():
+            loader._sizes = {}  # anchors are per document
+            node = loader.get_node()
+            if node is None:
+                continue
+            source = text[node.start_mark.index : node.end_mark.index]
+            docs.append((loader.construct_document(node), source))
+        return docs
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        why = " ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
+        raise ValueError(_one_line(why) + where) from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise ValueError(_one_line(e)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that bounds the document it composes: nesting depth and node
     count, each alias counted as the whole subtree it stands for, so an alias bomb (each

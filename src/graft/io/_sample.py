@@ -26,7 +26,7 @@ def read_rows(
     info = ckpt.info(name)
     nrows = info.shape[0]
     width = info.numel // nrows
-    if ckpt._loaded is not None:  # torch files are loaded (mmap) whole
+    if ckpt._reads_whole(name):  # torch files are loaded (mmap) whole; decoded ones decode
         full = ckpt.get(name).reshape(nrows, width)
         return full[list(rows), col_start : col_start + ncols].clone()
     out = torch.empty((len(rows), ncols), dtype=info.dtype)
@@ -42,7 +42,7 @@ def header_nbytes(ckpt: Checkpoint) -> int:
         return sum(ckpt._file_sizes.values()) or sum(ckpt.info(n).nbytes for n in ckpt.names)
     first: dict = {}
     for name, off in ckpt._offsets.items():
-        f = ckpt.info(name).file
+        f = ckpt._stored_info(name).file
         first[f] = min(first.get(f, off), off)
     return sum(first.values())
 

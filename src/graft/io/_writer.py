@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,51 @@ def _group_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]], 
     return shards
 
 
+def plan_shards(
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    *,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+) -> list[list[tuple[str, int]]]:
+    """The shards `ShardedWriter` lays ``entries`` out in: per shard, its tensors as
+    ``(name, bytes)`` in entry order. What a distributed merge splits its work by."""
+    planned = [_check_entry(*e) for e in entries]
+    groups = _group_shards(planned, parse_size(max_shard_bytes))
+    return [[(e[0], e[3]) for e in group] for group in groups]
+
+
+def write_shard_index(
+    out_dir: str | os.PathLike,
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    *,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    filename: str = "model.safetensors",
+) -> Path | None:
+    """Write the shard index `ShardedWriter.finish` writes, for shards that writers with
+    ``only_shards`` wrote separately; None (nothing written) for a single shard.
+
+    Returns:
+        The index file, or None.
+    """
+    shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+    if len(shards) == 1:
+        return None
+    names = shard_file_names(filename, len(shards))
+    weight_map = {n: names[i] for i, group in enumerate(shards) for n, _ in group}
+    order = [e[0] for e in entries]
+    total = sum(b for group in shards for _, b in group)
+    return _write_index_file(Path(out_dir), filename, {n: weight_map[n] for n in order}, total)
+
+
+def _write_index_file(out_dir: Path, filename: str, weight_map: dict, total: int) -> Path:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    path = out_dir / f"{filename}.index.json"
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
 def shard_file_names(filename: str, n: int) -> list[str]:
     """transformers' names: ``model.safetensors``, or ``model-00001-of-00003.safetensors``."""
     if n == 1:
@@ -99,6 +144,9 @@ class ShardedWriter:
             int or a size string for `parse_size` (``"5GB"``).
         metadata: the safetensors ``__metadata__``; ``format: pt`` is always included.
         filename: the file name for one shard; shards and index derive from it.
+        only_shards: write only these shards (indices into `plan_shards`), each byte for
+            byte as the full writer would, and no index (`write_shard_index` writes it):
+            how the workers of a distributed merge share one output.
 
     Raises:
         ValueError: duplicate or reserved names, an unsupported dtype, a bad shape.
@@ -113,6 +161,7 @@ class ShardedWriter:
         max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
         metadata: dict[str, str] | None = None,
         filename: str = "model.safetensors",
+        only_shards: Collection[int] | None = None,
     ):
         self.out_dir = Path(out_dir)
         self._filename = filename
@@ -124,16 +173,21 @@ class ShardedWriter:
         names = shard_file_names(filename, len(groups))
         self.files = [self.out_dir / n for n in names]
         self.total_bytes = sum(e[3] for e in planned)
-        self._order = [e[0] for e in planned]
+        self._whole = only_shards is None
+        mine = set(range(len(groups))) if only_shards is None else set(only_shards)
+        if not mine <= set(range(len(groups))):
+            raise ValueError(f"only_shards {sorted(mine)} outside the {len(groups)} shards")
+        self._order = [e[0] for i, g in enumerate(groups) if i in mine for e in g]
         self._slots: dict[str, _Slot] = {}
-        self._fds: list[int] = []
+        self._fds: dict[int, int] = {}
         self._written: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
-        _check_free_space(self.out_dir, self.total_bytes)
+        _check_free_space(self.out_dir, sum(e[3] for i in mine for e in groups[i]))
         try:
             for shard, group in enumerate(groups):
-                self._fds.append(self._create_shard(shard, group))
+                if shard in mine:
+                    self._fds[shard] = self._create_shard(shard, group)
         except BaseException:
             self.close()
             raise
@@ -214,11 +268,11 @@ class ShardedWriter:
         missing = [n for n in self._order if n not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written: {missing[:3]}")
-        paths = list(self.files)
+        paths = [self.files[i] for i in sorted(self._fds)]
         try:
-            for fd in self._fds:
+            for fd in self._fds.values():
                 os.fsync(fd)
-            if len(self.files) > 1:
+            if self._whole and len(self.files) > 1:
                 paths.append(self._write_index())
         except OSError as e:
             if is_no_space(e):
@@ -230,20 +284,14 @@ class ShardedWriter:
 
     def _write_index(self) -> Path:
         weight_map = {n: self.files[self._slots[n].shard].name for n in self._order}
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        path = self.out_dir / f"{self._filename}.index.json"
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return path
+        return _write_index_file(self.out_dir, self._filename, weight_map, self.total_bytes)
 
     def close(self) -> None:
         """Close the files without checking completeness (for error paths)."""
         with self._lock:
             self._closed = True
-            fds, self._fds = self._fds, []
-        for fd in fds:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
             os.close(fd)
 
     def __enter__(self) -> ShardedWriter:

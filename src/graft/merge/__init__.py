@@ -12,6 +12,7 @@ from graft.merge import (
     breadcrumbs,
     dare,
     della,
+    emr,
     fisher,
     iso,
     karcher,
@@ -21,6 +22,7 @@ from graft.merge import (
     multislerp,
     nearswap,
     nuslerp,
+    opcm,
     passthrough,
     ram,
     regmean,
@@ -29,6 +31,7 @@ from graft.merge import (
     task_arithmetic,
     ties,
     tsv,
+    wudi,
 )
 from graft.merge._spec import REQUIRED, MethodSpec, Param
 
@@ -57,6 +60,9 @@ METHODS: dict[str, MethodSpec] = {
     "tsv_m": tsv.SPEC,
     "iso_c": iso.ISO_C_SPEC,
     "iso_cts": iso.ISO_CTS_SPEC,
+    "wudi": wudi.SPEC,
+    "emr": emr.SPEC,
+    "opcm": opcm.SPEC,
     "fisher": fisher.SPEC,
     "regmean": regmean.SPEC,
 }

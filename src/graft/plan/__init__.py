@@ -5,9 +5,11 @@ from graft.plan.engine import (
     RunStats,
     default_threads,
     merge_in_memory,
+    output_entries,
     resolve_device,
     run_pass,
     run_plan,
+    write_shards,
 )
 from graft.plan.plan import MergePlan, PlanError, Source, TensorJob, plan_merge, tensor_seed
 
@@ -20,9 +22,11 @@ __all__ = [
     "TensorJob",
     "default_threads",
     "merge_in_memory",
+    "output_entries",
     "plan_merge",
     "resolve_device",
     "run_pass",
     "run_plan",
     "tensor_seed",
+    "write_shards",
 ]

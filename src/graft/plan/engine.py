@@ -27,10 +27,17 @@ from graft.io import (
     atomic_output_dir,
     copy_sidecar_files,
     copy_tokenizer,
+    fp8_scale_name,
+    fp8_scale_shape,
+    plan_shards,
+    quantize_fp8,
     recipe_hash,
+    save_tokenizer,
+    write_chat_template,
     write_model_card,
 )
 from graft.plan.plan import MergePlan, PlanError, TensorJob
+from graft.plan.vocab import align_rows
 
 
 class NonFiniteInputError(PlanError):
@@ -126,32 +133,103 @@ def run_plan(
         progress: called after each tensor with (1, bytes read + written).
     """
     threads = threads or default_threads()
-    dev = resolve_device(device)
-    recipe = plan.recipe
-    metadata = {
-        "format": "pt",
-        "graft_version": __version__,
-        "graft_recipe_sha256": recipe_hash(recipe.text),
-        "graft_method": plan.method.name,
-    }
-    entries = [(j.name, j.out_dtype, j.shape) for j in plan.jobs]
+    resolve_device(device)
     start = time.perf_counter()
     with atomic_output_dir(
         Path(out), force=force, inputs=plan.input_paths(), overwrite_anything=overwrite_anything
     ) as tmp:
-        with ShardedWriter(
-            tmp, entries, max_shard_bytes=max_shard_bytes, metadata=metadata
-        ) as writer:  # closed on any error; finished below
-            worker = _Worker(plan, writer, dev, strict)
-            stats = run_pass(
-                plan.jobs, worker, threads=threads, input_bytes=plan.input_bytes, progress=progress
-            )
-            writer.finish()
-        stats.shards = len(writer.files)
-        _write_sidecars(plan, tmp, worker.warnings.append)
+        stats = write_shards(
+            plan,
+            tmp,
+            threads=threads,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            strict=strict,
+            progress=progress,
+        )
+        _write_sidecars(plan, tmp, stats.warnings.append)
     stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def write_shards(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    shards: Sequence[int] | None = None,
+    threads: int,
+    device: str = "cpu",
+    max_shard_bytes: int | str = 5_000_000_000,
+    strict: bool = False,
+    progress: ProgressHook | None = None,
+) -> RunStats:
+    """The merge's unit of work: compute the jobs of some output shards and write those
+    shards into ``out_dir`` (an existing folder), each byte for byte as in the whole output.
+
+    `run_plan` calls it once for all shards (and so also gets the shard index); a
+    distributed merge (`graft.plan.distributed`) calls it on each worker for that worker's
+    shards, and the driver writes the index. One implementation, so both give the same bytes.
+
+    Args:
+        plan: from ``plan_merge``.
+        out_dir: the folder the shard files are created in.
+        shards: indices into `graft.io.plan_shards` of the output; None for all (then
+            the index is written too when there are several).
+        threads, device, max_shard_bytes, strict, progress: as for `run_plan`.
+
+    Returns:
+        The pass's statistics; ``shards`` counts the shard files written, ``warnings``
+        the inputs with NaN/Inf.
+    """
+    dev = resolve_device(device)
+    entries = output_entries(plan)
+    jobs = plan.jobs
+    if shards is not None:
+        layout = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+        mine = {name for i in shards for name, _ in layout[i]}
+        jobs = [j for j in plan.jobs if j.name in mine or _scale_of(j) in mine]
+    with ShardedWriter(
+        out_dir,
+        entries,
+        max_shard_bytes=max_shard_bytes,
+        metadata=_metadata(plan),
+        only_shards=shards,
+    ) as writer:  # closed on any error; finished below
+        worker = _Worker(plan, writer, dev, strict)
+        worker.owned = mine if shards is not None else None
+        stats = run_pass(
+            jobs, worker, threads=threads, input_bytes=plan.input_bytes, progress=progress
+        )
+        writer.finish()
+    stats.shards = len(writer.files) if shards is None else len(shards)
     stats.warnings = worker.warnings
     return stats
+
+
+def output_entries(plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """Every output tensor as ``(name, dtype, shape)``, in output order: what the writer
+    lays shards out from (`graft.io.plan_shards`)."""
+    entries = []
+    for j in plan.jobs:
+        entries.append((j.name, j.out_dtype, j.shape))
+        if j.fp8_block is not None:  # its block scales follow it
+            entries.append(
+                (fp8_scale_name(j.name), torch.float32, fp8_scale_shape(j.shape, j.fp8_block))
+            )
+    return entries
+
+
+def _scale_of(job: TensorJob) -> str | None:
+    return fp8_scale_name(job.name) if job.fp8_block is not None else None
+
+
+def _metadata(plan: MergePlan) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "graft_version": __version__,
+        "graft_recipe_sha256": recipe_hash(plan.recipe.text),
+        "graft_method": plan.method.name,
+    }
 
 
 def merge_in_memory(
@@ -272,25 +350,37 @@ class _Worker:
         self.strict = strict
         self.warnings: list[str] = []
         self._lock = threading.Lock()
+        self.owned: set[str] | None = None  # the output tensors this worker's shards hold
 
     def __call__(self, job: TensorJob) -> int:
         out = self._copy(job) if job.copy else self._compute(job)
         out = out.contiguous()
-        self.writer.write(job.name, out)
-        return out.numel() * out.element_size()
+        if job.fp8_block is None:
+            self.writer.write(job.name, out)
+            return out.numel() * out.element_size()
+        q, scale = quantize_fp8(out, job.fp8_block)
+        written = 0
+        for name, t in ((job.name, q), (fp8_scale_name(job.name), scale)):
+            if self.owned is None or name in self.owned:  # a shard may end between the two
+                self.writer.write(name, t)
+                written += t.numel() * t.element_size()
+        return written
 
     def _read(self, src) -> torch.Tensor:
         return self.plan.checkpoints[src.model].get(src.name)
 
     def _copy(self, job: TensorJob) -> torch.Tensor:
         src = job.base or job.inputs[0]
-        return self._read(src).to(job.out_dtype)
+        return self._read(src).to(job.result_dtype)
 
     def _compute(self, job: TensorJob) -> torch.Tensor:
         spec = self.plan.method
         cdt = spec.compute_dtype
         inputs = [self._load(s, cdt) for s in job.inputs]
         base = self._load(job.base, cdt) if job.base is not None else None
+        if job.vocab is not None:  # every input's rows onto the output vocabulary first
+            aligned = align_rows([*([base] if base is not None else []), *inputs], job.vocab)
+            base, inputs = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
         kwargs = dict(job.params)
         if spec.stats:
             kwargs["stats"] = [
@@ -312,7 +402,7 @@ class _Worker:
         result = spec.fn(inputs, base, **kwargs)
         if job.transpose:
             result = result.T.contiguous()
-        return result.to(device="cpu", dtype=job.out_dtype)
+        return result.to(device="cpu", dtype=job.result_dtype)
 
     def _load(self, src, dtype: torch.dtype) -> torch.Tensor:
         t = self._read(src).to(device=self.device, dtype=dtype)
@@ -342,8 +432,17 @@ def _write_sidecars(plan: MergePlan, dst: Path, warn: Callable[[str], None]) -> 
     copy_sidecar_files(
         side.root, dst, config=plan.config, warn=warn, modules_root=side.modules_root
     )
-    if plan.tokenizer_model is not None:
+    own_files = getattr(side, "write_sidecars", None)  # a GGUF file's tokenizer (graft.io)
+    if own_files is not None:
+        own_files(dst, warn)
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:
+        save_tokenizer(plan.vocab.tokenizer, dst)
+    elif plan.vocab is not None and plan.vocab.copy_root is not None:
+        copy_tokenizer(plan.vocab.copy_root, dst, warn=warn)
+    elif plan.tokenizer_model is not None:
         copy_tokenizer(plan.checkpoints[plan.tokenizer_model].root, dst, warn=warn)
+    if plan.chat_template is not None and not write_chat_template(dst, plan.chat_template):
+        warn("chat_template given, but the output has no tokenizer_config.json; not written")
     write_model_card(
         dst,
         base_models=[str(m) for m in recipe.referenced_models()],

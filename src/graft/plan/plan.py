@@ -53,7 +53,9 @@ from graft.plan.arch import (
     tied_embedding,
     with_block_count,
 )
-from graft.plan.models import open_models
+from graft.plan.models import open_models, resolve_model_path
+from graft.plan.quantized import FP8_OUT, plan_fp8
+from graft.plan.vocab import RowMap, Vocab, VocabError, plan_vocab
 from graft.recipe import ModelRef, Recipe, RecipeError, evaluate_setting
 
 
@@ -88,6 +90,14 @@ class TensorJob:
     copy: bool = False
     stats: tuple[Source | None, ...] = ()
     transpose: bool = False  # stored (in, out) (GPT-2 Conv1D): the method sees (out, in)
+    vocab: RowMap | None = None  # rows remapped onto the output vocabulary first (base, inputs)
+    fp8_block: tuple[int, int] | None = None  # written float8 + block scales (plan.quantized)
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype the worker hands the writer: float32 for FP8 outputs, which the
+        writer quantizes (`graft.io.quantize_fp8`), else ``out_dtype``."""
+        return torch.float32 if self.fp8_block is not None else self.out_dtype
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,8 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     input_tensors: int = 0
+    vocab: Vocab | None = None
+    chat_template: str | None = None
 
     def input_paths(self) -> list[Path]:
         """Every file or folder the merge reads (models, adapters, statistics files)."""
@@ -150,11 +162,16 @@ DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # block-scaled FP8 (graft.plan.quantized)
 }
 
 
 def plan_merge(
-    recipe: Recipe, *, seed: int | None = None, allow_drop: Sequence[str] = ()
+    recipe: Recipe,
+    *,
+    seed: int | None = None,
+    allow_drop: Sequence[str] = (),
+    stand_ins: Mapping[str, Checkpoint] | None = None,
 ) -> MergePlan:
     """Open the recipe's checkpoints (headers only) and plan every output tensor.
 
@@ -163,15 +180,19 @@ def plan_merge(
         seed: for random methods; default the recipe's, else 0.
         allow_drop: globs (``fnmatch``) of tensor names that may be left out of the output
             when they cannot be merged (e.g. a classifier only the fine-tunes have).
+        stand_ins: header-only stand-ins for outputs of other documents that are not
+            written yet (``--dry-run`` of a multi-document recipe, `graft.plan.multi`).
 
     Raises:
         PlanError: the recipe does not fit the checkpoints, or a tensor would be dropped
             that no ``allow_drop`` pattern matches.
     """
-    checkpoints = open_models(recipe.referenced_models(), recipe.root)
+    checkpoints = open_models(
+        recipe.referenced_models(), recipe.root, recipe.aliases, stand_ins
+    )
     try:
         seed = seed if seed is not None else recipe.seed or 0
-        planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop))
+        planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop), stand_ins or {})
         return planner.plan()
     except BaseException:
         for ckpt in checkpoints.values():
@@ -192,8 +213,12 @@ class _Planner:
         checkpoints: dict[ModelRef, Checkpoint],
         seed: int,
         allow_drop: tuple[str, ...] = (),
+        stand_ins: Mapping[str, Checkpoint] | None = None,
     ):
         self.recipe = recipe
+        self.stand_ins = stand_ins or {}
+        self.vocab: Vocab | None = None
+        self.rule_base: ModelRef | None = recipe.base_model
         self.ckpts = checkpoints
         self.method = recipe.method
         self.seed = seed
@@ -213,6 +238,9 @@ class _Planner:
             r.models[0].model if r.models else r.slices[0].sources[0].model  # type: ignore[index]
         )
         ref = self.ckpts[ref_model]
+        if r.tokenizer is not None:
+            self.vocab = self._plan_vocab(ref_model)
+            self.notes += self.vocab.notes
         if r.models is not None:
             num_layers = count_blocks(ref.names, ref.config)
             self._plan_models(ref_model)
@@ -230,10 +258,12 @@ class _Planner:
             if "dtype" in config:  # transformers >= 4.56 writes "dtype"
                 config["dtype"] = out_dtype
         tok = None
-        if r.tokenizer_source:
-            tok = ref_model if r.tokenizer_source == "base" else ModelRef(r.tokenizer_source)
-            if tok not in self.ckpts:
-                self.ckpts.update(open_models([tok], r.root))
+        if self.vocab is not None:
+            config = _with_vocab_size(config, self.vocab.rows)
+            if self.vocab.tokenizer is None and self.vocab.copy_from in self.ckpts:
+                tok = self.vocab.copy_from  # nothing added: its files are copied unchanged
+        if out_dtype == FP8_OUT:
+            self.jobs, config = plan_fp8(self.jobs, self.ckpts, ref_model, config)
         self._check_unique_names()
         inputs = self._check_complete()
         return MergePlan(
@@ -247,6 +277,8 @@ class _Planner:
             notes=self.notes,
             dropped=self.dropped,
             input_tensors=inputs,
+            vocab=self.vocab,
+            chat_template=self._chat_template(),
         )
 
     # -- models: form ------------------------------------------------------------------
@@ -255,6 +287,7 @@ class _Planner:
         r = self.recipe
         assert r.models is not None
         base = r.base_model if self.method.base != "none" else None
+        self.rule_base = r.base_model
         entries = [m for m in r.models if base is None or m.model != base]
         if not entries:
             raise PlanError(
@@ -365,6 +398,7 @@ class _Planner:
     def _plan_outside_blocks(self, sl, *, pre: bool) -> None:
         r = self.recipe
         base = sl.base_model or r.base_model
+        self.rule_base = base
         if self.method.base == "none":
             base = None
         srcs = [s.model for s in sl.sources if base is None or s.model != base]
@@ -407,8 +441,12 @@ class _Planner:
         self.consumed.update((s.model, s.name) for s in present)
         first = base or inputs[0]
         info = self._info(first)
-        for src in inputs:
-            self._check_match(first, info, src)
+        shape, rmap = tuple(info.shape), None
+        if self.vocab is not None and is_vocab_tensor(out_name) and info.dtype.is_floating_point:
+            shape, rmap = self._vocab_job(out_name, [*([base] if base else []), *inputs])
+        else:
+            for src in inputs:
+                self._check_match(first, info, src)
         out_dtype = self._out_dtype(info.dtype)
         if not info.dtype.is_floating_point:
             # Integer ids and boolean masks are copied from the base, never averaged.
@@ -434,7 +472,7 @@ class _Planner:
         self.jobs.append(
             TensorJob(
                 name=out_name,
-                shape=tuple(info.shape),
+                shape=shape,
                 out_dtype=out_dtype,
                 inputs=tuple(inputs),
                 base=base,
@@ -443,6 +481,7 @@ class _Planner:
                 seed=tensor_seed(self.seed, out_name),
                 stats=stats,
                 transpose=transpose,
+                vocab=rmap,
             )
         )
 
@@ -498,6 +537,63 @@ class _Planner:
             )
         self.consumed.update((s.model, s.name) for s in present)
         return None
+
+    # -- the output vocabulary -----------------------------------------------------------
+
+    def _plan_vocab(self, ref_model: ModelRef) -> Vocab:
+        r = self.recipe
+        spec = r.tokenizer
+        assert spec is not None
+        source = None
+        if isinstance(spec.source, ModelRef):
+            ref = spec.source
+            source = self.ckpts.get(ref) or self.stand_ins.get(ref.path)
+            if source is None:
+                source = resolve_model_path(ref, r.root, r.aliases)
+        return plan_vocab(spec, ref_model, r.referenced_models(), self.ckpts, source)
+
+    def _vocab_job(self, out_name: str, sources: list[Source]) -> tuple[tuple[int, ...], RowMap]:
+        """The output shape of a vocabulary tensor and how its rows are mapped."""
+        infos = [self._info(s) for s in sources]
+        tail = tuple(infos[0].shape[1:])
+        for src, info in zip(sources, infos, strict=True):
+            if tuple(info.shape[1:]) != tail:
+                raise PlanError(
+                    f"shape mismatch for {src.name}: {sources[0].model} has "
+                    f"{tuple(infos[0].shape)}, {src.model} has {tuple(info.shape)}; the models "
+                    "are not the same architecture"
+                )
+        assert self.vocab is not None
+        rows_of = {s.model: int(i.shape[0]) for s, i in zip(sources, infos, strict=True)}
+        try:
+            rmap = self.vocab.row_map([s.model for s in sources], self.rule_base, rows_of)
+        except VocabError as e:
+            raise PlanError(f"{out_name}: {e}") from None
+        return (self.vocab.rows, *tail), rmap
+
+    def _chat_template(self) -> str | None:
+        """The recipe's chat_template; ``auto``: the most common among the inputs' (ties:
+        the first in recipe order), None when none has one (the copied one stays)."""
+        from collections import Counter
+
+        from graft.io import read_chat_template
+
+        template = self.recipe.chat_template
+        if template != "auto":
+            return template
+        found = []
+        for ref in self.recipe.referenced_models():
+            text = read_chat_template(self.ckpts[ref].root)
+            if text:
+                found.append(text.strip())
+        if not found:
+            self.notes.append("chat_template: auto, but no input has a chat template; none set")
+            return None
+        pick, count = Counter(found).most_common(1)[0]
+        self.notes.append(
+            f"chat_template: auto picked the template {count} of {len(found)} input(s) carry"
+        )
+        return pick
 
     def _add_unlisted_base(
         self, base: ModelRef, models: list[ModelRef], scopes: dict[ModelRef, list[Mapping]]
@@ -659,8 +755,8 @@ class _Planner:
         if is_vocab_tensor(src.name) and tuple(info.shape[1:]) == tuple(ref_info.shape[1:]):
             raise PlanError(
                 f"vocabulary size differs for {src.name}: {ref.model} has {ref_info.shape[0]} "
-                f"rows, {src.model} has {info.shape[0]}; resize the embeddings to one "
-                "vocabulary first (graft does not merge different tokenizers yet)"
+                f"rows, {src.model} has {info.shape[0]}; add tokenizer_source: base (or "
+                "union) to the recipe to map the rows by token, as mergekit asks too"
             )
         raise PlanError(
             f"shape mismatch for {src.name}: {ref.model} has {tuple(ref_info.shape)}, "
@@ -734,3 +830,16 @@ def _resolve_one(p: Param, scopes: list[Mapping], tensor: str, t: float, model: 
         if problem:
             raise PlanError(f"{where}: {problem}")
     return value
+
+
+def _with_vocab_size(config: dict | None, rows: int) -> dict | None:
+    """``config`` with its vocabulary size set to the output's rows (mergekit sets the
+    architecture's vocab_size key; for multimodal configs that is text_config's)."""
+    if config is None:
+        return None
+    out = dict(config)
+    if "vocab_size" in out or not isinstance(out.get("text_config"), dict):
+        out["vocab_size"] = rows
+    else:
+        out["text_config"] = {**out["text_config"], "vocab_size": rows}
+    return out

@@ -10,6 +10,9 @@ from graft.recipe.config import (
     load_recipe,
     parse_recipe,
 )
+from graft.recipe.multi import RecipeStep, load_recipes, parse_recipes
+
+# (graft.recipe._tokens holds the tokenizer: block's dataclasses.)
 
 __all__ = [
     "InputModel",
@@ -17,8 +20,11 @@ __all__ = [
     "OutputSlice",
     "Recipe",
     "RecipeError",
+    "RecipeStep",
     "SliceSource",
     "evaluate_setting",
     "load_recipe",
+    "load_recipes",
     "parse_recipe",
+    "parse_recipes",
 ]

@@ -2,7 +2,10 @@
 
 Accepted top-level keys are mergekit's for the methods graft implements: ``models`` *or*
 ``slices``, ``merge_method``, ``base_model``, ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source``. graft adds one: ``seed`` (random methods; ``--seed`` overrides).
+``tokenizer_source`` *or* ``tokenizer`` (`graft.recipe._tokens`), ``chat_template``,
+``name`` (a document's name in a multi-document recipe, `graft.recipe.multi`) and
+``embed_slerp`` (mergekit 0.1.5 ignores it; so does graft). graft adds one: ``seed``
+(random methods; ``--seed`` overrides).
 Parameter precedence follows mergekit: a model's own (or a slice source's) parameters,
 then the slice's, then the global ``parameters``.
 
@@ -20,6 +23,7 @@ from typing import Any
 from graft.io._readers import load_yaml
 from graft.merge import METHODS, MethodSpec, get_method
 from graft.recipe._settings import RecipeError, parse_setting, show
+from graft.recipe._tokens import TokenizerSpec, parse_chat_template, parse_tokenizer
 
 TOP_KEYS = (
     "merge_method",
@@ -30,17 +34,20 @@ TOP_KEYS = (
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "seed",
     "name",
+    "embed_slerp",
 )
 UNSUPPORTED_KEYS = {
     "modules": "multi-module (vision-language) recipes are not supported yet; use models or slices",
-    "tokenizer": "the 'tokenizer:' block (vocabulary union and token surgery) is not supported "
-    "yet; use tokenizer_source: base or a model path",
-    "chat_template": "chat_template is not supported yet; edit tokenizer_config.json afterwards",
 }
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+# Outputs may also be FP8 with fresh block scales (graft.plan.quantized).
+OUT_DTYPES = (*DTYPES, "float8_e4m3fn")
+OUT_DTYPE_ALIASES = {**DTYPE_ALIASES, "fp8": "float8_e4m3fn"}
 # Recipes are a few hundred bytes; these bounds only keep hostile ones from costing memory
 # or the stack. YAML aliases are allowed (yaml.safe_dump writes them for shared values)
 # but count as the nodes they expand to, so an alias bomb is refused while still small.
@@ -53,22 +60,81 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as written in the recipe: a path or hub id, optionally ``model+adapter``."""
+    """A model as written in the recipe: a path or hub id, optionally pinned to a revision
+    and with a LoRA adapter, as mergekit writes it: ``model[@revision][+adapter[@revision]]``.
+
+    A revision (branch, tag or commit hash) is looked up in the local Hugging Face cache
+    only (`graft.plan.models`); graft never downloads.
+    """
 
     path: str
     adapter: str | None = None
+    revision: str | None = None
+    adapter_revision: str | None = None
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> ModelRef:
-        if isinstance(raw, dict):  # mergekit also accepts {model: {path: ...}, lora: ...}
-            raise RecipeError(f"{where}: write the model as a path string, e.g. model: ./my-model")
+        if isinstance(raw, dict):  # mergekit's serialised form: {model: {path, revision}, lora}
+            return cls._parse_dict(raw, where)
         if not isinstance(raw, str) or not raw.strip():
             raise RecipeError(f"{where}: model must be a path or hub id string, got {show(raw)}")
-        path, _, adapter = raw.strip().partition("+")
-        return cls(path=path, adapter=adapter or None)
+        chunks = raw.strip().split("+")
+        if len(chunks) > 2:
+            raise RecipeError(
+                f"{where}: {show(raw)} has more than one '+'; write MODEL or MODEL+LORA_ADAPTER"
+            )
+        path, revision = _split_revision(chunks[0], raw, where)
+        adapter, adapter_rev = (
+            _split_revision(chunks[1], raw, where) if len(chunks) == 2 else (None, None)
+        )
+        return cls(path=path, adapter=adapter, revision=revision, adapter_revision=adapter_rev)
+
+    @classmethod
+    def _parse_dict(cls, raw: dict, where: str) -> ModelRef:
+        unknown = set(raw) - {"model", "lora", "override_architecture"}
+        if unknown or "model" not in raw:
+            raise RecipeError(
+                f"{where}: write the model as a path string, e.g. model: ./my-model "
+                "(or mergekit's {model: {path: ..., revision: ...}, lora: ...})"
+            )
+        if raw.get("override_architecture") is not None:
+            raise RecipeError(f"{where}: override_architecture is not supported; remove it")
+        path, revision = _path_revision(raw["model"], f"{where}.model")
+        adapter, adapter_rev = (
+            _path_revision(raw["lora"], f"{where}.lora") if raw.get("lora") else (None, None)
+        )
+        return cls(path=path, adapter=adapter, revision=revision, adapter_revision=adapter_rev)
 
     def __str__(self) -> str:
-        return self.path + (f"+{self.adapter}" if self.adapter else "")
+        text = self.path + (f"@{self.revision}" if self.revision else "")
+        if self.adapter:
+            rev = f"@{self.adapter_revision}" if self.adapter_revision else ""
+            text += f"+{self.adapter}{rev}"
+        return text
+
+
+def _split_revision(chunk: str, raw: str, where: str) -> tuple[str, str | None]:
+    """``path@revision`` -> (path, revision); mergekit refuses more than one ``@``."""
+    if chunk.count("@") > 1:
+        raise RecipeError(f"{where}: {show(raw)} has more than one '@'; write PATH@REVISION")
+    path, at, revision = chunk.partition("@")
+    if not path.strip() or (at and not revision.strip()):
+        raise RecipeError(f"{where}: {show(raw)} is missing a path or a revision around '@'")
+    return path.strip(), revision.strip() or None
+
+
+def _path_revision(raw: Any, where: str) -> tuple[str, str | None]:
+    if isinstance(raw, str):
+        return _split_revision(raw, raw, where)
+    if (
+        isinstance(raw, dict)
+        and set(raw) <= {"path", "revision"}
+        and isinstance(raw.get("path"), str)
+        and raw["path"].strip()
+        and (raw.get("revision") is None or isinstance(raw["revision"], str))
+    ):
+        return raw["path"].strip(), raw.get("revision") or None
+    raise RecipeError(f"{where}: expected a path string or {{path: ..., revision: ...}}")
 
 
 Settings = Mapping[str, Any]
@@ -108,6 +174,16 @@ class Recipe:
         text: the YAML as given, embedded in the model card and hashed into metadata.
         root: folder of the recipe file; relative model paths that do not exist from the
             working directory are looked up there.
+        tokenizer: ``tokenizer_source`` or the ``tokenizer:`` block: which vocabulary the
+            output gets and how embedding rows are mapped to it (None: the embeddings are
+            merged row by row and the tokenizer files of the base, else the first model,
+            are copied).
+        chat_template: the Jinja template to write into the output tokenizer, or
+            ``"auto"`` (the most common among the inputs); a mergekit template name
+            (``chatml``...) is already expanded.
+        name: the document's ``name:`` (multi-document recipes).
+        aliases: model references that name another document of a multi-document recipe,
+            mapped to that document's output folder (`graft.recipe.multi`).
     """
 
     method: MethodSpec
@@ -121,6 +197,10 @@ class Recipe:
     seed: int | None
     text: str
     root: Path | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    aliases: Mapping[str, Path] = field(default_factory=dict)
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe names, base first, each once, in recipe order."""
@@ -133,15 +213,35 @@ class Recipe:
                 refs.append(s.base_model)
         return list(dict.fromkeys(refs))
 
+    def named_models(self) -> list[ModelRef]:
+        """`referenced_models` plus the models named only for their tokenizer (a
+        ``tokenizer`` source, a token's source)."""
+        refs = self.referenced_models()
+        tok = self.tokenizer
+        if tok is not None:
+            if isinstance(tok.source, ModelRef):
+                refs.append(tok.source)
+            refs += [s.source.model for s in tok.tokens.values() if s.source and s.source.model]
+        return list(dict.fromkeys(refs))
+
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (UTF-8 YAML, at most `MAX_RECIPE_BYTES`).
 
     Raises:
         RecipeError: the file is missing, not a regular file, too large, not UTF-8, or
-            not a valid recipe.
+            not a valid recipe (a multi-document file: use `graft.recipe.load_recipes`).
     """
     p = Path(path)
+    return parse_recipe(read_recipe_text(p), root=p.resolve().parent)
+
+
+def read_recipe_text(p: Path) -> str:
+    """The text of recipe file ``p``, checked to be a small UTF-8 regular file.
+
+    Raises:
+        RecipeError: it is not.
+    """
     if not p.exists():
         raise RecipeError(f"recipe file not found: {p}")
     if not p.is_file():
@@ -154,12 +254,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if len(raw) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe {p} is larger than {MAX_RECIPE_BYTES:,} bytes; is it a recipe?")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecipeError(
             f"recipe {p} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
         ) from None
-    return parse_recipe(text, root=p.resolve().parent)
 
 
 def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
@@ -173,10 +272,30 @@ def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
     try:
         raw = load_yaml(text, max_nodes=MAX_RECIPE_NODES)
     except ValueError as exc:
+        if "expected a single document" in str(exc):
+            raise RecipeError(
+                "recipe holds several YAML documents; `graft merge` runs them in order "
+                "(graft.recipe.load_recipes)"
+            ) from None
         raise RecipeError(f"recipe is not valid YAML: {exc}") from None
+    return recipe_from_mapping(raw, text=text, root=root)
+
+
+def recipe_from_mapping(raw: Any, *, text: str, root: Path | None = None) -> Recipe:
+    """Validate one parsed YAML document (``text`` is its source, kept for the model card).
+
+    Raises:
+        RecipeError: one line saying what to change.
+    """
     if not isinstance(raw, dict):
         raise RecipeError("recipe must be a YAML mapping with at least merge_method and models")
+    if "experts" in raw and "merge_method" not in raw:
+        raise RecipeError(
+            "this is a mergekit-moe recipe (it lists experts); run graft moe RECIPE OUT"
+        )
     for key in raw:
+        if not isinstance(key, str):
+            raise RecipeError(f"unknown recipe key {show(key)}; valid keys: {', '.join(TOP_KEYS)}")
         if key in UNSUPPORTED_KEYS:
             raise RecipeError(f"recipe key '{key}': {UNSUPPORTED_KEYS[key]}")
         if key not in TOP_KEYS:
@@ -195,6 +314,16 @@ def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
     models = _parse_models(raw["models"], method) if has_models else None
     slices = _parse_slices(raw["slices"], method) if has_slices else None
     params = _parse_params(raw.get("parameters"), method, "parameters", per_model_ok=True)
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise RecipeError(
+            "give tokenizer_source or a tokenizer: block, not both (mergekit refuses both too)"
+        )
+    if raw.get("embed_slerp") not in (None, True, False):
+        raise RecipeError(f"embed_slerp must be true or false, got {show(raw['embed_slerp'])}")
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise RecipeError(f"name must be a non-empty string, got {show(name)}")
+    tokenizer = parse_tokenizer(raw.get("tokenizer_source"), raw.get("tokenizer"), ModelRef.parse)
 
     recipe = Recipe(
         method=method,
@@ -203,11 +332,14 @@ def parse_recipe(text: str, *, root: Path | None = None) -> Recipe:
         slices=slices,
         parameters=params,
         dtype=_parse_dtype(raw.get("dtype"), "dtype"),
-        out_dtype=_parse_dtype(raw.get("out_dtype"), "out_dtype"),
-        tokenizer_source=_parse_tokenizer_source(raw.get("tokenizer_source")),
+        out_dtype=_parse_dtype(raw.get("out_dtype"), "out_dtype", OUT_DTYPES, OUT_DTYPE_ALIASES),
+        tokenizer_source=str(tokenizer.source) if tokenizer else None,
         seed=_parse_seed(raw.get("seed")),
         text=text,
         root=root,
+        tokenizer=tokenizer,
+        chat_template=parse_chat_template(raw.get("chat_template")),
+        name=name,
     )
     _check_base(recipe)
     return recipe
@@ -282,6 +414,8 @@ def _parse_params(raw: Any, method: MethodSpec, where: str, per_model_ok: bool =
     valid = [p.name for p in method.params]
     out = {}
     for name, value in raw.items():
+        if name == "weight" and method.param(name) is None:
+            continue  # mergekit's recipes (its own tests too) give every method weights
         if method.param(name) is None:
             listing = ", ".join(valid) if valid else "none"
             raise RecipeError(
@@ -297,26 +431,15 @@ def _check_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
             raise RecipeError(f"{where}: unknown key {show(key)}; valid keys: {', '.join(valid)}")
 
 
-def _parse_dtype(raw: Any, where: str) -> str | None:
+def _parse_dtype(
+    raw: Any, where: str, valid: tuple[str, ...] = DTYPES, aliases: dict = DTYPE_ALIASES
+) -> str | None:
     if raw is None:
         return None
-    name = DTYPE_ALIASES.get(raw, raw) if isinstance(raw, str) else raw
-    if name not in DTYPES:
-        raise RecipeError(f"{where}: unknown dtype {show(raw)}; valid: {', '.join(DTYPES)}")
+    name = aliases.get(raw, raw) if isinstance(raw, str) else raw
+    if name not in valid:
+        raise RecipeError(f"{where}: unknown dtype {show(raw)}; valid: {', '.join(valid)}")
     return name
-
-
-def _parse_tokenizer_source(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    if raw == "union":
-        raise RecipeError(
-            "tokenizer_source: union (vocabulary union) is not supported yet; "
-            "use tokenizer_source: base or a model path"
-        )
-    if not isinstance(raw, str):
-        raise RecipeError("tokenizer_source must be 'base' or a model path")
-    return raw
 
 
 def _parse_seed(raw: Any) -> int | None:
