@@ -613,7 +613,9 @@ def test_hostile_recipes(text, needle):
     with pytest.raises(RecipeError) as e:
         parse_recipe(text)
     _one_line(e.value, needle)
-    assert time.perf_counter() - start < 10
+    # Not a speed test: an unbounded alias expansion or recursion would not end at all;
+    # the bound is loose so a loaded machine does not fail it.
+    assert time.perf_counter() - start < 120
 
 
 def test_non_utf8_recipe_and_directory_recipe(tmp_path):

@@ -337,16 +337,24 @@ def load_yaml(text: str, *, max_nodes: int, max_depth: int = MAX_NESTING) -> obj
         loader = _BoundedLoader(text)  # checks the characters already
         loader.max_nodes, loader.max_depth = max_nodes, max_depth
         return loader.get_single_data()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        why = " ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
-        raise ValueError(_one_line(why) + where) from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise ValueError(_one_line(e)) from None
+    except _YAML_ERRORS as e:
+        raise _yaml_error(e) from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError)
+
+
+def _yaml_error(e: BaseException) -> ValueError:
+    """One line for what a YAML load raised, with the line and column where YAML knows them."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        why = " ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
+        return ValueError(_one_line(why) + where)
+    return ValueError(_one_line(e))
 
 
 def load_yaml_documents(
@@ -372,13 +380,8 @@ def load_yaml_documents(
             source = text[node.start_mark.index : node.end_mark.index]
             docs.append((loader.construct_document(node), source))
         return docs
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        why = " ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
-        raise ValueError(_one_line(why) + where) from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise ValueError(_one_line(e)) from None
+    except _YAML_ERRORS as e:
+        raise _yaml_error(e) from None
     finally:
         if loader is not None:
             loader.dispose()
