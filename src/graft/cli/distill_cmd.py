@@ -99,6 +99,37 @@ def _read(data, eval_data, holdout, seed, split, zoo, options):
     return holdout_split(train, holdout, seed)
 
 
+def _prepare(
+    models,
+    data,
+    eval_data,
+    holdout,
+    seed,
+    split,
+    zoo,
+    make_options,
+    *,
+    out,
+    force,
+    force_any,
+    pooling,
+    max_length,
+):
+    """What distill and update share before training: refuse an OUT that would hit an
+    input, then check the data options (``make_options()``, in that order, as each command
+    did), read the training and held-out data and load each ``(path, head, role)`` model."""
+    from graft.distill.run import load_model
+    from graft.io import check_output
+
+    heads = [h for _, h, _ in models]
+    inputs = _inputs(*(m for m, _, _ in models), *heads, data, eval_data)
+    check_output(out, inputs=inputs, force=force or force_any, overwrite_anything=force_any)
+    train, held = _read(data, eval_data, holdout, seed, split, zoo, make_options())
+    load = dict(task=train.task, zoo=zoo, pooling=pooling, max_length=max_length)
+    runners = [load_model(m, head=h, role=role, **load) for m, h, role in models]
+    return inputs, train, held, runners
+
+
 def _inputs(*paths) -> list[Path]:
     return [Path(p) for p in paths if p is not None and Path(p).exists()]
 
@@ -171,21 +202,18 @@ def distill(
     from graft.data import DataError
     from graft.distill import DISTILL_MODES, save_trained
     from graft.distill import distill as run
-    from graft.distill.run import load_model
-    from graft.io import check_output
 
     if mode not in DISTILL_MODES:
         raise DataError(f"unknown --mode {mode!r}; valid: {', '.join(DISTILL_MODES)}")
-    inputs = _inputs(teacher, student, teacher_head, student_head, data, eval_data)
-    check_output(out, inputs=inputs, force=force or force_any, overwrite_anything=force_any)
-    options = data_options(
-        text_column, text_pair_column, label_column, limit,
-        require_labels=mode != "dp-unsupervised",
+    inputs, train, held, (t, s) = _prepare(
+        [(teacher, teacher_head, "teacher"), (student, student_head, "student")],
+        data, eval_data, holdout, seed, split, zoo,
+        lambda: data_options(
+            text_column, text_pair_column, label_column, limit,
+            require_labels=mode != "dp-unsupervised",
+        ),
+        out=out, force=force, force_any=force_any, pooling=pooling, max_length=max_length,
     )  # fmt: skip
-    train, held = _read(data, eval_data, holdout, seed, split, zoo, options)
-    load = dict(task=train.task, zoo=zoo, pooling=pooling, max_length=max_length)
-    t = load_model(teacher, head=teacher_head, role="teacher", **load)
-    s = load_model(student, head=student_head, role="student", **load)
     report = run(
         t, s, train, held, mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
         temperature=temperature, alpha=alpha, keep_weight=keep_weight,
@@ -302,18 +330,15 @@ def update(
     from graft.data import DataError
     from graft.distill import UPDATE_MODES, save_trained
     from graft.distill import update as run
-    from graft.distill.run import load_model
-    from graft.io import check_output
 
     if mode not in UPDATE_MODES:
         raise DataError(f"unknown --mode {mode!r}; valid: {', '.join(UPDATE_MODES)}")
-    inputs = _inputs(old, new, old_head, new_head, data, eval_data)
-    check_output(out, inputs=inputs, force=force or force_any, overwrite_anything=force_any)
-    options = data_options(text_column, text_pair_column, label_column, limit)
-    train, held = _read(data, eval_data, holdout, seed, split, zoo, options)
-    load = dict(task=train.task, zoo=zoo, pooling=pooling, max_length=max_length)
-    o = load_model(old, head=old_head, role="old model", **load)
-    n = load_model(new, head=new_head, role="new model", **load)
+    inputs, train, held, (o, n) = _prepare(
+        [(old, old_head, "old model"), (new, new_head, "new model")],
+        data, eval_data, holdout, seed, split, zoo,
+        lambda: data_options(text_column, text_pair_column, label_column, limit),
+        out=out, force=force, force_any=force_any, pooling=pooling, max_length=max_length,
+    )  # fmt: skip
     report = run(
         o, n, train, held, mode=mode, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
         temperature=temperature, fd_alpha=fd_alpha, fd_beta=fd_beta, weight=weight,
