@@ -21,6 +21,21 @@ _ZERO_WEIGHT_SUM = 1e-8
 _ZERO_NORM = 1e-7
 
 
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def widen(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """bfloat16 / float16 inputs as float32 (exact), for the methods that take their inputs
+    as stored (``MethodSpec.native_inputs``) and compute in float32."""
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.dtype in _NARROW else t
+
+    return [up(t) for t in tensors], up(base)
+
+
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Stack the deltas ``θᵢ − θ₀`` into one fresh ``(T, *shape)`` tensor.
 
@@ -44,21 +59,6 @@ def weight_column(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Weights shaped ``(T, 1, ..., 1)`` to broadcast against a ``(T, *shape)`` stack."""
     w = torch.tensor(list(weight), dtype=like.dtype, device=like.device)
     return w.view(-1, *([1] * (like.dim() - 1)))
-
-
-def elect_signs(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES step 2 (elect) on weighted deltas ``wᵢδᵢ`` stacked on dim 0.
-
-    The elected sign is ``γ = sign(Σᵢ wᵢδᵢ)`` with a zero sum counted as ``+``. An entry
-    of model i takes part in the merge when the sign of ``wᵢδᵢ`` equals ``γ``; zero
-    entries (trimmed or dropped) never do. Using the sign of the *weighted* delta follows
-    mergekit and equals the paper's rule for positive weights.
-
-    Returns:
-        Boolean mask, same shape as ``weighted``.
-    """
-    gamma = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == gamma
 
 
 def combine(
@@ -92,7 +92,15 @@ def combine(
     # + the agreeing entries are exactly the positive ones, so their sum is Σ max(wᵢδᵢ, 0);
     # where it is −, Σ min(wᵢδᵢ, 0). Zeros (trimmed or dropped entries) never count.
     # Loops over models keep the temporaries at one tensor, not T of them.
-    positive = weighted.sum(dim=0) >= 0  # γ = +, a zero sum counting as +
+    # γ = +, a zero sum counting as +. Summed in model order: torch's sum(dim=0) adds in
+    # that order for up to 4 models but regroups from 5 on (its order then depends on the
+    # vector width and thread count); a fixed order keeps results reproducible and equal
+    # to the fused kernel's (graft.merge._fused).
+    total = weighted[0].clone()
+    for wd in weighted[1:]:
+        total.add_(wd)
+    positive = total >= 0
+    del total
     pos_sum = torch.zeros_like(weighted[0])
     neg_sum = torch.zeros_like(weighted[0])
     for wd in weighted:
