@@ -74,6 +74,9 @@ class MethodSpec:
         order_independent: permuting the inputs (with their parameters) leaves the result
             unchanged; the invariant tests hold the method to it.
         compute_dtype: dtype the engine casts inputs to.
+        native_inputs: the method takes float32 / bfloat16 / float16 CPU inputs as stored
+            and widens them to float32 itself (exactly, as the engine's cast would), so the
+            engine hands them over without float32 copies (the fused TIES-family kernel).
         stats: the per-model statistic a data-aware method reads (``"fisher"``,
             ``"gram"``...): each model's ``statistics`` parameter names a file written by
             the statistics pass, and the method receives ``stats=[tensor or None, ...]``
@@ -93,6 +96,7 @@ class MethodSpec:
     uses_layer: bool = False
     order_independent: bool = True
     compute_dtype: torch.dtype = torch.float32
+    native_inputs: bool = False
     paper: str = ""
     stats: str | None = None
     stats_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None

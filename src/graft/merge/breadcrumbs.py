@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge import _fused
 from graft.merge._select import top_k_mask
 from graft.merge._spec import MethodSpec, Param
 from graft.merge._task_vectors import (
@@ -37,6 +38,7 @@ from graft.merge._task_vectors import (
     per_model,
     task_vectors,
     unit_interval_check,
+    widen,
 )
 
 
@@ -64,6 +66,15 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return upper & ~top_k_mask(mag, n - n_bottom - n_keep, ties="high")
 
 
+def _band(density: float, gamma: float, n: int) -> _fused.Sparsifier:
+    """`outlier_mask` as the fused kernel's two cuts (top ``k`` minus top ``k2``)."""
+    if density >= 1:
+        return _fused.Sparsifier(_fused.DENSE)
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bottom = max(0, n - n_keep - n_top)
+    return _fused.Sparsifier(_fused.BAND, k=n - n_bottom, k2=n - n_bottom - n_keep)
+
+
 def _breadcrumbs(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -77,9 +88,16 @@ def _breadcrumbs(
     scale: float,
 ) -> torch.Tensor:
     n = len(tensors)
+    densities, gammas = per_model(density, n, 1.0), per_model(gamma, n, 0.01)
+    if elect and not rescale:
+        size = base.numel()
+        sparse = [_band(p, g, size) for p, g in zip(densities, gammas, strict=True)]
+        out = _fused.merge(tensors, base, sparse, weight=weight, normalize=normalize, scale=scale)
+        if out is not None:
+            return out
+    tensors, base = widen(tensors, base)
     deltas = task_vectors(tensors, base)
-    densities = per_model(density, n, 1.0)
-    for i, (p, g) in enumerate(zip(densities, per_model(gamma, n, 0.01), strict=True)):
+    for i, (p, g) in enumerate(zip(densities, gammas, strict=True)):
         if p >= 1:
             continue
         masked = torch.where(outlier_mask(deltas[i], p, g), deltas[i], 0)
@@ -196,5 +214,6 @@ BREADCRUMBS_TIES_SPEC = MethodSpec(
     summary="drop largest and smallest delta entries, TIES sign election and merge",
     params=(*family_params(normalize=False, rescale=False, rescale_doc=_RESCALE_DOC), _GAMMA),
     base="required",
+    native_inputs=True,
     paper=_PAPER,
 )

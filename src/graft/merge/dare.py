@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge import _fused
 from graft.merge._spec import MethodSpec
 from graft.merge._task_vectors import (
     combine,
@@ -38,8 +39,10 @@ from graft.merge._task_vectors import (
     per_model,
     rescale_mode_param,
     task_vectors,
+    widen,
 )
 
+_DRAW_SLICE = 1 << 20
 _RESCALE_DOC = "rescale kept entries (see rescale_mode) so the delta is unbiased"
 
 
@@ -48,8 +51,16 @@ def dare_mask(
 ) -> torch.Tensor:
     """Bernoulli keep-mask: each entry is true with probability ``density``."""
     draw_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=draw_device)
-    return (u < density).to(device)
+    keep = torch.empty(shape, dtype=torch.bool, device=draw_device)
+    flat = keep.view(-1)
+    # Drawn in slices: torch fills uniforms serially, so the slices' draws are exactly one
+    # draw of numel values (tested), without a float32 tensor of the whole shape.
+    for start in range(0, flat.numel(), _DRAW_SLICE):
+        u = torch.rand(
+            min(_DRAW_SLICE, flat.numel() - start), generator=generator, device=draw_device
+        )
+        torch.lt(u, density, out=flat[start : start + u.numel()])
+    return keep.to(device)
 
 
 def dare_drop(
@@ -111,13 +122,42 @@ def _dare(
     scale: float,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
+    densities = per_model(density, len(tensors), 1.0)
+    fusable = generator is not None and generator.device.type == "cpu"
+    if (
+        fusable
+        and elect
+        and not (rescale and rescale_mode == "l1")
+        and _fused.usable(tensors, base)
+    ):
+        # The masks are drawn exactly as dare_sparsify draws them (same order, same draws).
+        start_state = generator.get_state()
+        sparse = [_fused_sparsifier(p, base, generator) for p in densities]
+        out = _fused.merge(
+            tensors, base, sparse, weight=weight, normalize=normalize, scale=scale, rescale=rescale
+        )
+        if out is not None:
+            return out
+        generator.set_state(start_state)  # the torch path draws the same masks again
+    tensors, base = widen(tensors, base)
     deltas = task_vectors(tensors, base)
-    for i, p in enumerate(per_model(density, len(tensors), 1.0)):
+    for i, p in enumerate(densities):
         deltas[i] = dare_sparsify(
             deltas[i], p, generator, rescale=rescale, rescale_mode=rescale_mode
         )
     merged = combine(deltas, weight, elect=elect, normalize=normalize)
     return finish(base, merged, scale)
+
+
+def _fused_sparsifier(
+    density: float, base: torch.Tensor, generator: torch.Generator | None
+) -> _fused.Sparsifier:
+    if density >= 1:
+        return _fused.Sparsifier(_fused.DENSE)
+    if density <= 0:
+        return _fused.Sparsifier(_fused.ZERO)
+    keep = dare_mask(base.shape, density, generator, base.device)
+    return _fused.Sparsifier(_fused.MASK, mask=keep, p=density)
 
 
 def dare_linear(
@@ -233,6 +273,7 @@ DARE_TIES_SPEC = MethodSpec(
         rescale_mode_param(),
     ),
     base="required",
+    native_inputs=True,
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,

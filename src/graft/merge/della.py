@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge import _fused
 from graft.merge._spec import MethodSpec, Param
 from graft.merge._task_vectors import (
     combine,
@@ -39,6 +40,7 @@ from graft.merge._task_vectors import (
     rescale_mode_param,
     task_vectors,
     unit_interval_check,
+    widen,
 )
 
 
@@ -90,6 +92,14 @@ def della_drop(
     return kept / probs
 
 
+def _check(density: float, epsilon: float) -> None:
+    if density - epsilon <= 0 or density + epsilon > 1:
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1, got "
+            f"density={density}, epsilon={epsilon}; lower epsilon or move density"
+        )
+
+
 def della_sparsify(
     delta: torch.Tensor,
     density: float,
@@ -106,16 +116,34 @@ def della_sparsify(
     """
     if density >= 1 or delta.numel() == 0:
         return delta
-    if density - epsilon <= 0 or density + epsilon > 1:
-        raise ValueError(
-            f"della needs 0 < density - epsilon and density + epsilon <= 1, got "
-            f"density={density}, epsilon={epsilon}; lower epsilon or move density"
-        )
+    _check(density, epsilon)
     probs = della_keep_probs(delta, density, epsilon)
     draw_device = generator.device if generator is not None else delta.device
     u = torch.rand(delta.shape, generator=generator, device=draw_device).to(delta.device)
     keep = u < probs
     return della_drop(delta, keep, probs, rescale=rescale, rescale_mode=rescale_mode)
+
+
+def _magprune(
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+) -> _fused.Sparsifier | None:
+    """`della_sparsify` as the fused kernel's inputs: the same probabilities and draws."""
+    if density >= 1:
+        return _fused.Sparsifier(_fused.DENSE)
+    _check(density, epsilon)
+    probs = _fused.della_probs(tensor, base, density, epsilon)
+    if probs is None:
+        return None
+    keep = torch.empty(probs.shape, dtype=torch.bool)
+    flat, pflat = keep.view(-1), probs.view(-1)
+    for start in range(0, flat.numel(), _DRAW_SLICE):  # serial fills: one draw of numel
+        u = torch.rand(min(_DRAW_SLICE, flat.numel() - start), generator=generator)
+        torch.lt(u, pflat[start : start + u.numel()], out=flat[start : start + u.numel()])
+    return _fused.Sparsifier(_fused.PROB, mask=keep, probs=probs)
 
 
 def _della(
@@ -133,8 +161,26 @@ def _della(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     n = len(tensors)
+    pairs = list(zip(per_model(density, n, 1.0), per_model(epsilon, n, 0.15), strict=True))
+    fusable = generator is not None and generator.device.type == "cpu"
+    if (
+        fusable
+        and elect
+        and not (rescale and rescale_mode == "l1")
+        and _fused.usable(tensors, base)
+    ):
+        start_state = generator.get_state()
+        sparse = [_magprune(t, base, p, eps, generator) for t, (p, eps) in zip(tensors, pairs, strict=True)]
+        if all(s is not None for s in sparse):
+            out = _fused.merge(
+                tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
+                rescale=rescale,
+            )  # fmt: skip
+            if out is not None:
+                return out
+        generator.set_state(start_state)  # the torch path draws the same masks again
+    tensors, base = widen(tensors, base)
     deltas = task_vectors(tensors, base)
-    pairs = zip(per_model(density, n, 1.0), per_model(epsilon, n, 0.15), strict=True)
     for i, (p, eps) in enumerate(pairs):
         deltas[i] = della_sparsify(
             deltas[i], p, eps, generator, rescale=rescale, rescale_mode=rescale_mode
@@ -237,6 +283,8 @@ def della_linear(
     )
 
 
+_DRAW_SLICE = 1 << 20
+
 _EPSILON = Param(
     "epsilon",
     float,
@@ -258,6 +306,7 @@ DELLA_SPEC = MethodSpec(
         rescale_mode_param(),
     ),
     base="required",
+    native_inputs=True,
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,

@@ -22,6 +22,10 @@ Conventions that change results:
   untrimmed one, as mergekit does.
 * ``int8_mask`` is mergekit's memory option for the sign mask; it is accepted and does not
   change the result.
+* Computed in float32: bfloat16 / float16 inputs are widened first (the engine passes them
+  as stored, and the fused kernel of :mod:`graft.merge._fused` widens chunk by chunk).
+  Without ``rescale`` or consensus the fused kernel runs where it applies; the torch path
+  below gives the same bytes.
 
 Consensus TIES (Wang et al. 2024, "Localizing Task Information for Improved Model Merging
 and Compression", ICML), off unless ``consensus_k`` is set: after step 3, zero the entries
@@ -39,6 +43,7 @@ from collections.abc import Sequence
 
 import torch
 
+from graft.merge import _fused
 from graft.merge._select import top_k_mask
 from graft.merge._spec import MethodSpec
 from graft.merge._task_vectors import (
@@ -48,6 +53,7 @@ from graft.merge._task_vectors import (
     l1_rescale,
     per_model,
     task_vectors,
+    widen,
 )
 from graft.merge.task_arithmetic import consensus_mask, consensus_params
 
@@ -100,8 +106,16 @@ def ties(
     Returns:
         The merged tensor.
     """
+    densities = per_model(density, len(tensors), 1.0)
+    if not rescale and consensus_k <= 0:
+        n = base.numel()
+        sparse = [_trim(p, n) for p in densities]
+        out = _fused.merge(tensors, base, sparse, weight=weight, normalize=normalize, scale=scale)
+        if out is not None:
+            return out
+    tensors, base = widen(tensors, base)
     deltas = task_vectors(tensors, base)
-    for i, p in enumerate(per_model(density, len(tensors), 1.0)):
+    for i, p in enumerate(densities):
         if rescale and p < 1:
             deltas[i] = l1_rescale(magnitude_trim(deltas[i], p), deltas[i])
         elif p < 1:
@@ -117,6 +131,14 @@ def ties(
     return finish(base, merged, scale)
 
 
+def _trim(density: float, n: int) -> _fused.Sparsifier:
+    """The fused kernel's form of `magnitude_trim` (``delta * mask``, as the torch path)."""
+    if density >= 1:
+        return _fused.Sparsifier(_fused.DENSE)
+    k = int(density * n)
+    return _fused.Sparsifier(_fused.TOPK_MUL if k > 0 else _fused.ZERO_MUL, k=k)
+
+
 SPEC = MethodSpec(
     name="ties",
     fn=ties,
@@ -128,5 +150,6 @@ SPEC = MethodSpec(
     )
     + consensus_params(),
     base="required",
+    native_inputs=True,
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
 )

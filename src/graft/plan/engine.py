@@ -40,6 +40,10 @@ from graft.plan.plan import MergePlan, PlanError, TensorJob
 from graft.plan.vocab import align_rows
 
 
+# Stored dtypes a ``native_inputs`` method receives as they are (it widens them itself).
+_NATIVE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class NonFiniteInputError(PlanError):
     """An input tensor holds NaN or Inf and ``strict`` was asked for."""
 
@@ -376,8 +380,10 @@ class _Worker:
     def _compute(self, job: TensorJob) -> torch.Tensor:
         spec = self.plan.method
         cdt = spec.compute_dtype
-        inputs = [self._load(s, cdt) for s in job.inputs]
-        base = self._load(job.base, cdt) if job.base is not None else None
+        # Vocabulary alignment averages rows in the tensors' dtype: it gets float32 copies.
+        native = spec.native_inputs and job.vocab is None
+        inputs = [self._load(s, cdt, native) for s in job.inputs]
+        base = self._load(job.base, cdt, native) if job.base is not None else None
         if job.vocab is not None:  # every input's rows onto the output vocabulary first
             aligned = align_rows([*([base] if base is not None else []), *inputs], job.vocab)
             base, inputs = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
@@ -404,8 +410,10 @@ class _Worker:
             result = result.T.contiguous()
         return result.to(device="cpu", dtype=job.result_dtype)
 
-    def _load(self, src, dtype: torch.dtype) -> torch.Tensor:
-        t = self._read(src).to(device=self.device, dtype=dtype)
+    def _load(self, src, dtype: torch.dtype, native: bool = False) -> torch.Tensor:
+        t = self._read(src)
+        if not (native and self.device.type == "cpu" and t.dtype in _NATIVE):
+            t = t.to(device=self.device, dtype=dtype)
         if not all_finite(t):
             msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
             if self.strict:

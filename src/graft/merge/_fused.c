@@ -1,0 +1,367 @@
+/* Fused kernels for the task-vector family (TIES, DARE-TIES, Breadcrumbs-TIES, DELLA).
+ *
+ * Loaded by graft/merge/_fused.py through ctypes; compiled on first use with the
+ * system's C compiler and cached. Every operation mirrors the pure-torch path in
+ * graft/merge/_task_vectors.py step by step (same float32 operations in the same order,
+ * IEEE round-to-nearest, no FMA contraction: build with -ffp-contract=off), so both paths
+ * give the same bytes. Nothing here allocates a tensor-sized buffer: the inputs are read
+ * in their stored dtype (float32, bfloat16 or float16, widened exactly to float32 chunk
+ * by chunk) and the output is written once.
+ *
+ * Selection (trim): |d| is a non-negative float, so its bit pattern read as uint32 orders
+ * like the value. Pass 1 histograms the top 16 bits per model; the bin holding the k-th
+ * largest is resolved by pass 2, a histogram of the low 16 bits inside that bin only. That
+ * gives the exact k-th largest value v and how many entries equal to v are kept; the
+ * merge pass keeps entries > v, and entries == v in flat-index order (the first ones for
+ * a stable descending sort, the last ones for a stable ascending sort), counting as it
+ * goes. Single-threaded per call: the engine runs several tensors at once.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK 2048
+#define BINS 65536
+#define MAXT 64
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* per-model sparsifiers of the merge pass */
+enum {
+    M_DENSE = 0,    /* d                                  (density 1)            */
+    M_ZERO_MUL = 1, /* d * 0                              (TIES trim, k = 0)     */
+    M_TOPK_MUL = 2, /* d * [in cut a]                     (TIES trim)            */
+    M_BAND = 3,     /* [in a and not in b] ? d : +0       (Breadcrumbs)          */
+    M_MASK = 4,     /* mask ? d : +0, then / p if rescale (DARE)                 */
+    M_ZERO = 5,     /* +0                                 (DARE, density 0)      */
+    M_PROB = 6      /* mask ? d : +0, then / prob[j] if rescale (DELLA)          */
+};
+
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-08f; /* m * 2^-24, exact */
+        return u2f(f2u(v) | sign);
+    }
+    if (e == 31) return u2f(sign | 0x7f800000u | (m << 13));
+    return u2f(sign | ((e + 112) << 23) | (m << 13));
+}
+
+/* Widen len values starting at off into dst; returns nonzero when one is NaN or Inf. */
+static int widen(const void *src, int dt, int64_t off, int len, float *dst) {
+    uint32_t bad = 0;
+    if (dt == DT_F32) {
+        const uint32_t *s = (const uint32_t *)src + off;
+        for (int j = 0; j < len; j++) {
+            bad |= (s[j] & 0x7f800000u) == 0x7f800000u;
+            dst[j] = u2f(s[j]);
+        }
+    } else if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int j = 0; j < len; j++) {
+            bad |= (s[j] & 0x7f80u) == 0x7f80u;
+            dst[j] = u2f((uint32_t)s[j] << 16);
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (int j = 0; j < len; j++) {
+            bad |= (s[j] & 0x7c00u) == 0x7c00u;
+            dst[j] = half_to_float(s[j]);
+        }
+    }
+    return bad != 0;
+}
+
+/* Exact top-k thresholds.
+ *
+ * For each cut c (of model cut_model[c], keeping the cut_k[c] largest |d|, 1 <= k < n),
+ * writes vstar[c] (the k-th largest |d| as uint32 bits; entries above it are kept) and
+ * need_eq[c] / eq_total[c] (of the eq_total entries equal to vstar, need_eq are kept).
+ * vstar = bin_start - 1 with need_eq = eq_total = 0 means "keep exactly the entries from
+ * bin_start up". Returns 0, 1 on a NaN/Inf input, 2 when out of memory.
+ */
+int graft_select(int64_t n, int T, const void *base, int base_dt, const void *const *fts,
+                 const int32_t *ft_dt, int C, const int32_t *cut_model, const int64_t *cut_k,
+                 int64_t *vstar, int64_t *need_eq, int64_t *eq_total) {
+    if (T > MAXT || C > 256) return 3;
+    int used[MAXT] = {0};
+    for (int c = 0; c < C; c++) used[cut_model[c]] = 1;
+    uint32_t *hi = calloc((size_t)T * BINS, sizeof(uint32_t));
+    uint32_t *lo = calloc((size_t)(C ? C : 1) * BINS, sizeof(uint32_t));
+    if (!hi || !lo) { free(hi); free(lo); return 2; }
+    float fb[CHUNK], fi[CHUNK];
+    int bad = 0;
+    for (int64_t s = 0; s < n && !bad; s += CHUNK) {
+        int len = (int)(n - s < CHUNK ? n - s : CHUNK);
+        bad |= widen(base, base_dt, s, len, fb);
+        for (int m = 0; m < T; m++) {
+            if (!used[m]) continue;
+            bad |= widen(fts[m], ft_dt[m], s, len, fi);
+            uint32_t *h = hi + (size_t)m * BINS;
+            for (int j = 0; j < len; j++) h[(f2u(fi[j] - fb[j]) & 0x7fffffffu) >> 16]++;
+        }
+    }
+    if (bad) { free(hi); free(lo); return 1; }
+    int64_t bin[256], need[256];
+    int todo = 0;
+    for (int c = 0; c < C; c++) {
+        const uint32_t *h = hi + (size_t)cut_model[c] * BINS;
+        int64_t cum = 0, k = cut_k[c];
+        int b = BINS - 1;
+        for (; b > 0 && cum + h[b] < k; b--) cum += h[b];
+        bin[c] = b;
+        need[c] = k - cum;
+        if (need[c] == (int64_t)h[b]) { /* the whole bin is kept */
+            vstar[c] = ((int64_t)b << 16) - 1;
+            need_eq[c] = eq_total[c] = 0;
+        } else {
+            vstar[c] = -2; /* resolved by pass 2 */
+            todo = 1;
+        }
+    }
+    if (todo) {
+        for (int64_t s = 0; s < n; s += CHUNK) {
+            int len = (int)(n - s < CHUNK ? n - s : CHUNK);
+            widen(base, base_dt, s, len, fb);
+            int have = -1;
+            for (int c = 0; c < C; c++) {
+                if (vstar[c] != -2) continue;
+                int m = cut_model[c];
+                if (have != m) { widen(fts[m], ft_dt[m], s, len, fi); have = m; }
+                uint32_t *l = lo + (size_t)c * BINS;
+                uint32_t want = (uint32_t)bin[c];
+                for (int j = 0; j < len; j++) {
+                    uint32_t key = f2u(fi[j] - fb[j]) & 0x7fffffffu;
+                    if ((key >> 16) == want) l[key & 0xffffu]++;
+                }
+            }
+        }
+        for (int c = 0; c < C; c++) {
+            if (vstar[c] != -2) continue;
+            const uint32_t *l = lo + (size_t)c * BINS;
+            int64_t cum = 0;
+            int b = BINS - 1;
+            for (; b > 0 && cum + l[b] < need[c]; b--) cum += l[b];
+            vstar[c] = (bin[c] << 16) | b;
+            need_eq[c] = need[c] - cum;
+            eq_total[c] = l[b];
+        }
+    }
+    free(hi);
+    free(lo);
+    return 0;
+}
+
+/* A top-k cut: entries with key > v are in; of the `total` entries with key == v, the
+ * first `need` in flat order are in (or the last `need` when `high`). kind 0: a real cut,
+ * 1: keeps nothing, 2: keeps everything. `seen` counts the equal entries passed so far. */
+typedef struct { int64_t v, need, total, seen; int high, kind; } cut_t;
+
+/* in[j] = membership of key[j] in cut c, for one chunk (vectorised; equal keys fixed up). */
+static void cut_chunk(cut_t *c, const uint32_t *key, int len, uint8_t *in) {
+    if (c->kind) {
+        memset(in, c->kind == 2, (size_t)len);
+        return;
+    }
+    int64_t v = c->v;
+    int eq = 0;
+    for (int j = 0; j < len; j++) {
+        in[j] = (int64_t)key[j] > v;
+        eq += (int64_t)key[j] == v;
+    }
+    if (!eq) return;
+    for (int j = 0; j < len; j++) {
+        if ((int64_t)key[j] != v) continue;
+        int64_t i = c->seen++;
+        in[j] = c->high ? i >= c->total - c->need : i < c->need;
+    }
+}
+
+/* The merge pass: sparsify each delta, weight, elect, disjoint sum or mean, scale, add base.
+ *
+ * cut_a / cut_b: per model, index of its cuts (-1: none, -2: all). masks: per model a
+ * uint8 keep-mask (M_MASK, M_PROB) or NULL. probs: per model float32 keep probabilities
+ * (M_PROB) or NULL. pdiv: per model divisor of M_MASK when rescale. out: float32, n.
+ * Returns 0, 1 on a NaN/Inf input (out is then garbage), 2 when out of memory.
+ */
+int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *const *fts,
+                const int32_t *ft_dt, const int32_t *mode, const int32_t *cut_a,
+                const int32_t *cut_b, int C, const int64_t *vstar, const int64_t *need_eq,
+                const int64_t *eq_total, const int32_t *tie_high, const uint8_t *const *masks,
+                const float *const *probs, const float *pdiv, int rescale, const float *w,
+                int weighted, int equal_w, int normalize, int has_scale, float scale,
+                float *out) {
+    if (T > MAXT || C > 256) return 3;
+    cut_t cuts[256];
+    for (int c = 0; c < C; c++) {
+        cuts[c].v = vstar[c];
+        cuts[c].need = need_eq[c];
+        cuts[c].total = eq_total[c];
+        cuts[c].seen = 0;
+        cuts[c].high = tie_high[c];
+        cuts[c].kind = 0;
+    }
+    cut_t none = {0, 0, 0, 0, 0, 1}, all = {0, 0, 0, 0, 0, 2};
+    cut_t *ca[MAXT], *cb[MAXT];
+    for (int m = 0; m < T; m++) {
+        ca[m] = cut_a[m] == -1 ? &none : cut_a[m] == -2 ? &all : &cuts[cut_a[m]];
+        cb[m] = cut_b[m] == -1 ? &none : cut_b[m] == -2 ? &all : &cuts[cut_b[m]];
+    }
+    float *buf = malloc(sizeof(float) * CHUNK * (size_t)(T + 5));
+    uint8_t *ina = malloc(2 * CHUNK);
+    uint32_t *key = malloc(sizeof(uint32_t) * CHUNK);
+    if (!buf || !ina || !key) { free(buf); free(ina); free(key); return 2; }
+    uint8_t *inb = ina + CHUNK;
+    float *fb = buf, *tot = buf + CHUNK, *pos = buf + 2 * CHUNK, *neg = buf + 3 * CHUNK;
+    float *div = buf + 4 * CHUNK, *wd[MAXT];
+    for (int m = 0; m < T; m++) wd[m] = buf + (size_t)CHUNK * (m + 5);
+    int bad = 0;
+    for (int64_t s = 0; s < n; s += CHUNK) {
+        int len = (int)(n - s < CHUNK ? n - s : CHUNK);
+        bad |= widen(base, base_dt, s, len, fb);
+        for (int m = 0; m < T; m++) {
+            float *d = wd[m];
+            bad |= widen(fts[m], ft_dt[m], s, len, d);
+            for (int j = 0; j < len; j++) d[j] = d[j] - fb[j];
+            switch (mode[m]) {
+            case M_ZERO_MUL:
+                for (int j = 0; j < len; j++) d[j] = d[j] * 0.0f;
+                break;
+            case M_TOPK_MUL:
+                for (int j = 0; j < len; j++) key[j] = f2u(d[j]) & 0x7fffffffu;
+                cut_chunk(ca[m], key, len, ina);
+                for (int j = 0; j < len; j++) d[j] = d[j] * (ina[j] ? 1.0f : 0.0f);
+                break;
+            case M_BAND:
+                for (int j = 0; j < len; j++) key[j] = f2u(d[j]) & 0x7fffffffu;
+                cut_chunk(ca[m], key, len, ina);
+                cut_chunk(cb[m], key, len, inb);
+                for (int j = 0; j < len; j++) d[j] = (ina[j] && !inb[j]) ? d[j] : 0.0f;
+                break;
+            case M_MASK: {
+                const uint8_t *mk = masks[m] + s;
+                for (int j = 0; j < len; j++) d[j] = mk[j] ? d[j] : 0.0f;
+                if (rescale) {
+                    float p = pdiv[m];
+                    for (int j = 0; j < len; j++) d[j] = d[j] / p;
+                }
+                break;
+            }
+            case M_ZERO:
+                for (int j = 0; j < len; j++) d[j] = 0.0f;
+                break;
+            case M_PROB: {
+                const uint8_t *mk = masks[m] + s;
+                const float *p = probs[m] + s;
+                for (int j = 0; j < len; j++) d[j] = mk[j] ? d[j] : 0.0f;
+                if (rescale)
+                    for (int j = 0; j < len; j++) d[j] = d[j] / p[j];
+                break;
+            }
+            default:
+                break;
+            }
+            if (weighted) {
+                float wm = w[m];
+                for (int j = 0; j < len; j++) d[j] = d[j] * wm;
+            }
+        }
+        /* election: Σ wᵢδᵢ in model order; agreeing sums Σ clamp(x, min=0) and
+         * Σ clamp(x, max=0) (NaN propagates, as in torch); branch-free so it vectorises */
+        float *restrict t = tot, *restrict ps = pos, *restrict ng = neg, *restrict dv = div;
+        memcpy(t, wd[0], sizeof(float) * (size_t)len);
+        for (int m = 1; m < T; m++) {
+            const float *restrict x = wd[m];
+            for (int j = 0; j < len; j++) t[j] = t[j] + x[j];
+        }
+        for (int j = 0; j < len; j++) ps[j] = ng[j] = dv[j] = 0.0f;
+        for (int m = 0; m < T; m++) {
+            const float *restrict x = wd[m];
+            for (int j = 0; j < len; j++) {
+                float xj = x[j];
+                ps[j] = ps[j] + (xj <= 0.0f ? 0.0f : xj);
+                ng[j] = ng[j] + (xj >= 0.0f ? 0.0f : xj);
+            }
+        }
+        float *restrict o = out + s;
+        for (int j = 0; j < len; j++) o[j] = t[j] >= 0.0f ? ps[j] : ng[j];
+        if (normalize) {
+            /* Σ wᵢ over agreeing models (equal weights: w x the count, as the torch path) */
+            for (int m = 0; m < T; m++) {
+                const float *restrict x = wd[m];
+                float add = equal_w ? 1.0f : w[m];
+                for (int j = 0; j < len; j++) {
+                    int up = t[j] >= 0.0f;
+                    int agree = (up & (x[j] > 0.0f)) | (!up & (x[j] < 0.0f));
+                    dv[j] = dv[j] + (agree ? add : 0.0f);
+                }
+            }
+            float w0 = w[0];
+            if (equal_w)
+                for (int j = 0; j < len; j++) dv[j] = dv[j] * w0;
+            for (int j = 0; j < len; j++) o[j] = o[j] / (dv[j] == 0.0f ? 1.0f : dv[j]);
+        }
+        if (has_scale)
+            for (int j = 0; j < len; j++) o[j] = o[j] * scale;
+        for (int j = 0; j < len; j++) o[j] = o[j] + fb[j];
+    }
+    free(buf);
+    free(ina);
+    free(key);
+    return bad ? 1 : 0;
+}
+
+/* DELLA's keep probabilities: within each row of |d| (rows x cols, row-major), the rank r
+ * of an entry in a stable ascending sort gives p = lo + span * (r / (cols - 1)), each step
+ * rounded to float32 as torch does (cols == 1: r / (cols - 1) is 0.5). Stable LSD radix
+ * sort on the uint32 bits of |d|. Returns 0, 1 on a NaN/Inf input, 2 when out of memory.
+ */
+int graft_della_probs(int64_t rows, int64_t cols, const void *base, int base_dt,
+                      const void *ft, int ft_dt, float lo, float span, float *probs) {
+    uint32_t *key = malloc(sizeof(uint32_t) * 2 * (size_t)cols);
+    uint32_t *idx = malloc(sizeof(uint32_t) * 2 * (size_t)cols);
+    float *fb = malloc(sizeof(float) * 2 * (size_t)cols);
+    if (!key || !idx || !fb) { free(key); free(idx); free(fb); return 2; }
+    float *fi = fb + cols;
+    uint32_t *k2 = key + cols, *i2 = idx + cols;
+    float denom = (float)(cols - 1);
+    int bad = 0;
+    for (int64_t r = 0; r < rows && !bad; r++) {
+        int64_t off = r * cols;
+        for (int64_t s = 0; s < cols; s += CHUNK) {
+            int len = (int)(cols - s < CHUNK ? cols - s : CHUNK);
+            bad |= widen(base, base_dt, off + s, len, fb + s);
+            bad |= widen(ft, ft_dt, off + s, len, fi + s);
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            key[j] = f2u(fi[j] - fb[j]) & 0x7fffffffu;
+            idx[j] = (uint32_t)j;
+        }
+        uint32_t *ka = key, *ia = idx, *kb = k2, *ib = i2;
+        for (int shift = 0; shift < 33; shift += 11) { /* 3 stable passes of 11 bits */
+            uint32_t cnt[2049] = {0};
+            for (int64_t j = 0; j < cols; j++) cnt[((ka[j] >> shift) & 0x7ffu) + 1]++;
+            for (int b = 0; b < 2048; b++) cnt[b + 1] += cnt[b];
+            for (int64_t j = 0; j < cols; j++) {
+                uint32_t pos = cnt[(ka[j] >> shift) & 0x7ffu]++;
+                kb[pos] = ka[j];
+                ib[pos] = ia[j];
+            }
+            uint32_t *t = ka; ka = kb; kb = t;
+            t = ia; ia = ib; ib = t;
+        }
+        float *p = probs + off;
+        for (int64_t rank = 0; rank < cols; rank++) {
+            float frac = cols > 1 ? (float)rank / denom : 0.5f;
+            p[ia[rank]] = lo + span * frac;
+        }
+    }
+    free(key);
+    free(idx);
+    free(fb);
+    return bad;
+}
