@@ -63,7 +63,7 @@ dtype: bf16
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("merge_method: ties\nbase_model: b\n", "exactly one of 'models' or 'slices'"),
+    ("merge_method: ties\nbase_model: b\n", "exactly one of 'models', 'slices' or 'modules'"),
     ("merge_method: nope\nmodels: [{model: a}]\n", "linear"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {wieght: 1}}]\n", "weight"),
     ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n", "bogus"),

@@ -378,7 +378,7 @@ class _Worker:
         return self._read(src).to(job.result_dtype)
 
     def _compute(self, job: TensorJob) -> torch.Tensor:
-        spec = self.plan.method
+        spec = job.method or self.plan.method
         cdt = spec.compute_dtype
         # Vocabulary alignment averages rows in the tensors' dtype: it gets float32 copies.
         native = spec.native_inputs and job.vocab is None

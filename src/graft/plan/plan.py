@@ -26,6 +26,12 @@ Conventions that change results:
   (e.g. a multi-token-prediction layer) gets ``t = 1``, with a note. The slices form,
   which renumbers one stack, refuses models with several (mergekit, too, needs its
   ``modules:`` syntax for them).
+* ``modules:`` plans each module (`graft.plan.modules` says which tensors it holds) as
+  its own ``models:`` or ``slices:`` recipe over just those tensors, with its own method
+  and the module's parameters between the slice's and the global ones. Gradients still
+  run per stack of blocks; a ``slices:`` module renumbers its own stack and sets its
+  depth key in config.json. A tensor of a module the recipe does not list fails the plan
+  (mergekit leaves such tensors out of its output) unless ``allow_drop`` matches it.
 """
 
 from __future__ import annotations
@@ -49,14 +55,16 @@ from graft.plan.arch import (
     is_pre_block,
     is_vocab_tensor,
     split_block_name,
+    stack_depth_key,
     stack_depths,
     tied_embedding,
     with_block_count,
 )
 from graft.plan.models import open_models, resolve_model_path
+from graft.plan.modules import ModuleLayout, module_layout
 from graft.plan.quantized import FP8_OUT, plan_fp8
 from graft.plan.vocab import RowMap, Vocab, VocabError, plan_vocab
-from graft.recipe import ModelRef, Recipe, RecipeError, evaluate_setting
+from graft.recipe import ModelRef, ModuleRecipe, OutputSlice, Recipe, RecipeError, evaluate_setting
 
 
 class PlanError(RecipeError):
@@ -92,6 +100,7 @@ class TensorJob:
     transpose: bool = False  # stored (in, out) (GPT-2 Conv1D): the method sees (out, in)
     vocab: RowMap | None = None  # rows remapped onto the output vocabulary first (base, inputs)
     fp8_block: tuple[int, int] | None = None  # written float8 + block scales (plan.quantized)
+    method: MethodSpec | None = None  # a module's own merge_method; None: the recipe's
 
     @property
     def result_dtype(self) -> torch.dtype:
@@ -187,9 +196,7 @@ def plan_merge(
         PlanError: the recipe does not fit the checkpoints, or a tensor would be dropped
             that no ``allow_drop`` pattern matches.
     """
-    checkpoints = open_models(
-        recipe.referenced_models(), recipe.root, recipe.aliases, stand_ins
-    )
+    checkpoints = open_models(recipe.referenced_models(), recipe.root, recipe.aliases, stand_ins)
     try:
         seed = seed if seed is not None else recipe.seed or 0
         planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop), stand_ins or {})
@@ -229,28 +236,31 @@ class _Planner:
         self.consumed: set[tuple[ModelRef, str]] = set()
         self.matched: set[str] = set()
         self.stats_checked: set[tuple[ModelRef, ModelRef]] = set()
+        self.scope: list[Mapping] = [recipe.parameters]  # shared parameter scopes, in order
+        self.layout: ModuleLayout | None = None
 
     # -- entry -------------------------------------------------------------------------
 
     def plan(self) -> MergePlan:
         r = self.recipe
-        ref_model = r.base_model or (
-            r.models[0].model if r.models else r.slices[0].sources[0].model  # type: ignore[index]
-        )
+        ref_model = r.first_model()
         ref = self.ckpts[ref_model]
         if r.tokenizer is not None:
             self.vocab = self._plan_vocab(ref_model)
             self.notes += self.vocab.notes
-        if r.models is not None:
-            num_layers = count_blocks(ref.names, ref.config)
-            self._plan_models(ref_model)
-            source_layers = list(range(num_layers))
-        else:
-            source_layers = self._plan_slices()
-            num_layers = len(source_layers)
         config = ref.config
-        if config is not None and r.slices is not None:
-            config = with_block_count(config, source_layers)
+        if r.modules is not None:
+            num_layers = count_blocks(ref.names, ref.config)
+            config = self._plan_modules(ref_model, config)
+        elif r.models is not None:
+            num_layers = count_blocks(ref.names, ref.config)
+            self._plan_models(ref_model, r.models)
+        else:
+            assert r.slices is not None
+            source_layers = self._plan_slices(r.slices)
+            num_layers = len(source_layers)
+            if config is not None:
+                config = with_block_count(config, source_layers)
         out_dtype = r.out_dtype or r.dtype
         if config is not None and out_dtype:
             config = dict(config)
@@ -283,31 +293,30 @@ class _Planner:
 
     # -- models: form ------------------------------------------------------------------
 
-    def _plan_models(self, ref_model: ModelRef) -> None:
+    def _plan_models(self, ref_model: ModelRef, listed, keep=None) -> None:
         r = self.recipe
-        assert r.models is not None
         base = r.base_model if self.method.base != "none" else None
         self.rule_base = r.base_model
-        entries = [m for m in r.models if base is None or m.model != base]
+        entries = [m for m in listed if base is None or m.model != base]
         if not entries:
             raise PlanError(
                 f"{self.method.name}: every listed model is the base model; list the "
                 "fine-tuned models under models:"
             )
-        scopes = {m.model: [m.parameters, r.parameters] for m in entries}
+        scopes = {m.model: [m.parameters, *self.scope] for m in entries}
         models = [m.model for m in entries]
         if base is None and r.base_model is not None and r.base_model not in models:
             self._add_unlisted_base(r.base_model, models, scopes)
         others = [m for m in [*([base] if base else []), *models] if m != ref_model]
         names = self._union_names([ref_model, *others])
-        depths = stack_depths(names, self.ckpts[ref_model].config)
-        for name in names:
+        depths = stack_depths(names, self.ckpts[ref_model].config)  # every stack, whole model
+        for name in names if keep is None else filter(keep, names):
             block = split_block_name(name)
             layer = block.index if block else None
             t = self._stack_t(block, depths)
             srcs = [Source(m, name) for m in models]
             base_src = Source(base, name) if base else None
-            self._add_job(name, srcs, base_src, scopes, [r.parameters], t, layer)
+            self._add_job(name, srcs, base_src, scopes, self.scope, t, layer)
 
     def _stack_t(self, block: BlockName | None, depths: Mapping[str, int]) -> float:
         """A block's gradient position within its own stack; 0 outside the blocks."""
@@ -324,24 +333,91 @@ class _Planner:
             return 1.0
         return block.index / (depth - 1) if depth > 1 else 1.0
 
+    # -- modules: form -----------------------------------------------------------------
+
+    def _plan_modules(self, ref_model: ModelRef, config: dict | None) -> dict | None:
+        """Plan each module of ``modules:`` over its own tensors; returns the output
+        config with the depth of every ``slices:`` module set."""
+        r = self.recipe
+        assert r.modules is not None
+        ref = self.ckpts[ref_model]
+        layout = self.layout = module_layout(ref.config, ref.names)
+        for module in r.modules:
+            if layout.get(module.name) is None:
+                kind = "inferred from its tensor names" if layout.inferred else "mergekit's names"
+                raise PlanError(
+                    f"modules.{module.name}: {ref_model} ({layout.architecture}) has no module "
+                    f"{module.name!r}; its modules ({kind}): {', '.join(layout.names)}"
+                )
+        for module in r.modules:
+            self.method, self.scope = module.method, [module.parameters, r.parameters]
+
+            def keep(n: str, name: str = module.name) -> bool:
+                return layout.of(n) == name
+
+            if not any(keep(n) for n in ref.names):
+                raise PlanError(
+                    f"modules.{module.name}: {ref_model} has no tensors of module {module.name}"
+                )
+            if module.models is not None:
+                self._plan_models(ref_model, module.models, keep)
+                continue
+            assert module.slices is not None
+            depth = len(self._plan_slices(module.slices, keep))
+            config = self._module_depth(config, module, depth, keep)
+        self.method, self.scope = r.method, [r.parameters]
+        return config
+
+    def _module_depth(self, config: dict | None, module: ModuleRecipe, depth: int, keep):
+        """``config`` with ``module``'s block count set to ``depth`` (a note if unknown)."""
+        layout = self.layout
+        assert layout is not None
+        key = layout.get(module.name).depth  # type: ignore[union-attr]
+        if key is None and layout.inferred:
+            prefixes = {b.prefix for n in self.ckpts[self.recipe.first_model()].names
+                        if keep(n) and (b := split_block_name(n)) is not None}  # fmt: skip
+            if len(layout.modules) == 1:
+                return with_block_count(config, list(range(depth))) if config else config
+            key = stack_depth_key(next(iter(prefixes))) if len(prefixes) == 1 else None
+        if config is None or key is None:
+            self.notes.append(
+                f"modules.{module.name}: config.json has no block count for this module that "
+                f"graft knows; it now has {depth} blocks, check config.json"
+            )
+            return config
+        return _set_config_value(config, key, depth)
+
+    def _slices_of(self, name: str) -> tuple[OutputSlice, ...] | None:
+        """The slices that decide whether tensor ``name`` is in the output (None: the
+        models form, where every tensor is)."""
+        r = self.recipe
+        if r.modules is None or self.layout is None:
+            return r.slices
+        module = self.layout.of(name)
+        return next((m.slices for m in r.modules if m.name == module), None)
+
     # -- slices: form ------------------------------------------------------------------
 
-    def _plan_slices(self) -> list[int]:
+    def _plan_slices(self, slices: tuple[OutputSlice, ...], keep=None) -> list[int]:
         r = self.recipe
-        assert r.slices is not None
-        for model in dict.fromkeys(s.model for sl in r.slices for s in sl.sources):
-            stacks = stack_depths(self.ckpts[model].names)
+        for model in dict.fromkeys(s.model for sl in slices for s in sl.sources):
+            names = self.ckpts[model].names
+            stacks = stack_depths(names if keep is None else filter(keep, names))
             if len(stacks) > 1:
+                fix = (
+                    "split it into modules (graft.plan.modules)"
+                    if keep is not None
+                    else "merge it with the models: form (gradients then run over each stack)"
+                )
                 raise PlanError(
                     f"model {model} has {len(stacks)} stacks of blocks "
                     f"({', '.join(f'{p}N' for p in stacks)}); slices: renumbers a single "
-                    "stack, so merge it with the models: form (gradients then run over "
-                    "each stack)"
+                    f"stack, so {fix}"
                 )
         out_layer = 0
         source_layers: list[int] = []
-        self._plan_outside_blocks(r.slices[0], pre=True)
-        for sl in r.slices:
+        self._plan_outside_blocks(slices[0], pre=True, keep=keep)
+        for sl in slices:
             base = sl.base_model or r.base_model
             if self.method.base == "none":
                 base = None
@@ -352,16 +428,18 @@ class _Planner:
                     f"{self.method.name} needs the base model {base} among the slice's sources"
                 )
             base_range = next((s.layer_range for s in sl.sources if s.model == base), None)
-            scopes = {s.model: [s.parameters, sl.parameters, r.parameters] for s in srcs}
+            scopes = {s.model: [s.parameters, sl.parameters, *self.scope] for s in srcs}
             n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
             lead = sl.sources[0]
             for offset in range(n):
                 t = offset / (n - 1) if n > 1 else 1.0
                 src_layer = lead.layer_range[0] + offset
-                names = self._block_names(lead.model, src_layer)
+                names = self._block_names(lead.model, src_layer, keep=keep)
                 keys = {(b.prefix, b.suffix) for b in names}
                 for s in sl.sources[1:]:  # what the lead lacks in this block, others may have
-                    for b in self._block_names(s.model, s.layer_range[0] + offset, need=False):
+                    for b in self._block_names(
+                        s.model, s.layer_range[0] + offset, need=False, keep=keep
+                    ):
                         if (b.prefix, b.suffix) not in keys:
                             keys.add((b.prefix, b.suffix))
                             names.append(BlockName(b.prefix, src_layer, b.suffix))
@@ -376,18 +454,24 @@ class _Planner:
                         inputs,
                         base_src,
                         scopes,
-                        [sl.parameters, r.parameters],
+                        [sl.parameters, *self.scope],
                         t,
                         out_layer,
                     )
                 source_layers.append(src_layer)
                 out_layer += 1
-        self._plan_outside_blocks(r.slices[-1], pre=False)
+        self._plan_outside_blocks(slices[-1], pre=False, keep=keep)
         return source_layers
 
-    def _block_names(self, model: ModelRef, layer: int, *, need: bool = True) -> list[BlockName]:
+    def _block_names(
+        self, model: ModelRef, layer: int, *, need: bool = True, keep=None
+    ) -> list[BlockName]:
         ckpt = self.ckpts[model]
-        names = [b for n in ckpt.names if (b := split_block_name(n)) and b.index == layer]
+        names = [
+            b
+            for n in ckpt.names
+            if (keep is None or keep(n)) and (b := split_block_name(n)) and b.index == layer
+        ]
         if not names and need:
             have = count_blocks(ckpt.names, ckpt.config)
             raise PlanError(
@@ -395,23 +479,28 @@ class _Planner:
             )
         return names
 
-    def _plan_outside_blocks(self, sl, *, pre: bool) -> None:
+    def _plan_outside_blocks(self, sl, *, pre: bool, keep=None) -> None:
         r = self.recipe
         base = sl.base_model or r.base_model
         self.rule_base = base
         if self.method.base == "none":
             base = None
         srcs = [s.model for s in sl.sources if base is None or s.model != base]
-        scopes = {s.model: [s.parameters, sl.parameters, r.parameters] for s in sl.sources}
+        scopes = {s.model: [s.parameters, sl.parameters, *self.scope] for s in sl.sources}
         models = [s.model for s in sl.sources] + ([base] if base else [])
-        outside = lambda n: split_block_name(n) is None and is_pre_block(n) == pre  # noqa: E731
+
+        def outside(n: str) -> bool:
+            return (
+                split_block_name(n) is None and is_pre_block(n) == pre and (keep is None or keep(n))
+            )
+
         for name in self._union_names(models, outside):
             self._add_job(
                 name,
                 [Source(m, name) for m in srcs],
                 Source(base, name) if base else None,
                 scopes,
-                [sl.parameters, r.parameters],
+                [sl.parameters, *self.scope],
                 0.0,
                 None,
             )
@@ -482,6 +571,7 @@ class _Planner:
                 stats=stats,
                 transpose=transpose,
                 vocab=rmap,
+                method=m if m is not self.recipe.method else None,
             )
         )
 
@@ -600,9 +690,12 @@ class _Planner:
     ) -> None:
         """mergekit merges a base_model missing from ``models:`` as one more input (with
         the global parameters) for methods that take no base; so does graft."""
-        r = self.recipe
         for p in self.method.params:
-            if p.per_model and p.default is REQUIRED and p.name not in r.parameters:
+            if (
+                p.per_model
+                and p.default is REQUIRED
+                and not any(p.name in scope for scope in self.scope)
+            ):
                 raise PlanError(
                     f"{self.method.name}: base_model {base} is not listed under models:, so "
                     f"it is merged as one more input (as mergekit does) and needs a "
@@ -610,7 +703,7 @@ class _Planner:
                     "under parameters:, or remove base_model"
                 )
         models.append(base)
-        scopes[base] = [r.parameters]
+        scopes[base] = list(self.scope)
         self.notes.append(
             f"base_model {base} is not listed under models:; {self.method.name} merges it as "
             "one more input with the global parameters, as mergekit does"
@@ -648,19 +741,48 @@ class _Planner:
                 if reason is None and (pattern := self._allowed(name)) is not None:
                     reason = f"--allow-drop {pattern}"
                 if reason is None:
-                    raise PlanError(
-                        f"tensor {name} of model {model} would not be in the output; check "
-                        f"the recipe, or pass --allow-drop '{name}' to leave it out knowingly"
-                    )
+                    raise PlanError(self._not_in_output(model, name))
                 self.dropped.append(Dropped(model, name, reason))
         for pattern in self.allow_drop:
             if pattern not in self.matched:
                 self.notes.append(f"--allow-drop {pattern} matched no tensor")
         return total
 
+    def _not_in_output(self, model: ModelRef, name: str) -> str:
+        drop = f"--allow-drop '{name}' to leave it out knowingly"
+        r = self.recipe
+        if r.modules is None or self.layout is None:
+            return f"tensor {name} of model {model} would not be in the output; check the recipe, or pass {drop}"
+        module = self.layout.of(name)
+        if module is None:
+            return (
+                f"tensor {name} of model {model} belongs to none of the modules of "
+                f"{self.layout.architecture} ({', '.join(self.layout.names)}); merge the model "
+                f"with models: instead, or pass {drop}"
+            )
+        if module not in {m.name for m in r.modules}:
+            return (
+                f"tensor {name} of model {model} is in module {module}, which modules: does "
+                f"not list (mergekit leaves such tensors out); add {module}: {{models: [...]}} "
+                f"to modules:, or pass --allow-drop '{name}' (globs work) to leave it out"
+            )
+        return (
+            f"tensor {name} of model {model} would not be in the output: model {model} is not "
+            f"an input of module {module}; list it there, or pass {drop}"
+        )
+
     def _deliberate(self, model: ModelRef, name: str) -> str | None:
-        """Why the slices form leaves this tensor out, or None when it should not."""
-        slices = self.recipe.slices
+        """Why the slices form (or a module that does not take ``model``) leaves this
+        tensor out, or None when it should not."""
+        module = None
+        if self.recipe.modules is not None and self.layout is not None:
+            of = self.layout.of(name)
+            module = next((m for m in self.recipe.modules if m.name == of), None)
+        method = module.method if module is not None else self.method
+        takes_base = model == self.recipe.base_model and method.base != "none"
+        if module is not None and model not in module.referenced_models() and not takes_base:
+            return f"module {module.name} does not take this model"
+        slices = self._slices_of(name)
         if slices is None:
             return None
         block = split_block_name(name)
@@ -672,7 +794,7 @@ class _Planner:
             return f"block {block.index} is in no slice's layer_range"
         pre = is_pre_block(name)
         sl = slices[0] if pre else slices[-1]
-        base = (sl.base_model or self.recipe.base_model) if self.method.base != "none" else None
+        base = (sl.base_model or self.recipe.base_model) if method.base != "none" else None
         if model in {s.model for s in sl.sources} or model == base:
             return None
         where = "first" if pre else "last"
@@ -830,6 +952,17 @@ def _resolve_one(p: Param, scopes: list[Mapping], tensor: str, t: float, model: 
         if problem:
             raise PlanError(f"{where}: {problem}")
     return value
+
+
+def _set_config_value(config: dict, key: str, value: int) -> dict:
+    """A copy of ``config`` with dotted ``key`` (``text_config.num_hidden_layers``) set."""
+    head, _, rest = key.partition(".")
+    out = dict(config)
+    if not rest:
+        out[head] = value
+    else:
+        out[head] = _set_config_value(dict(out.get(head) or {}), rest, value)
+    return out
 
 
 def _with_vocab_size(config: dict | None, rows: int) -> dict | None:

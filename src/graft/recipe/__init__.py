@@ -4,6 +4,7 @@ from graft.recipe._settings import RecipeError, evaluate_setting
 from graft.recipe.config import (
     InputModel,
     ModelRef,
+    ModuleRecipe,
     OutputSlice,
     Recipe,
     SliceSource,
@@ -17,6 +18,7 @@ from graft.recipe.multi import RecipeStep, load_recipes, parse_recipes
 __all__ = [
     "InputModel",
     "ModelRef",
+    "ModuleRecipe",
     "OutputSlice",
     "Recipe",
     "RecipeError",

@@ -1,13 +1,18 @@
 """mergekit-compatible merge recipes as frozen dataclasses.
 
-Accepted top-level keys are mergekit's for the methods graft implements: ``models`` *or*
-``slices``, ``merge_method``, ``base_model``, ``parameters``, ``dtype``, ``out_dtype``,
+Accepted top-level keys are mergekit's for the methods graft implements: ``models``,
+``slices`` *or* ``modules``, ``merge_method``, ``base_model``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source`` *or* ``tokenizer`` (`graft.recipe._tokens`), ``chat_template``,
 ``name`` (a document's name in a multi-document recipe, `graft.recipe.multi`) and
 ``embed_slerp`` (mergekit 0.1.5 ignores it; so does graft). graft adds one: ``seed``
 (random methods; ``--seed`` overrides).
 Parameter precedence follows mergekit: a model's own (or a slice source's) parameters,
-then the slice's, then the global ``parameters``.
+then the slice's, then the module's (``modules:``), then the global ``parameters``.
+
+``modules:`` (mergekit's multi-module recipes, for vision-language models, T5...) maps a
+module name to its own ``models:`` or ``slices:`` and ``parameters:``; which tensors form
+which module is `graft.plan.modules`. graft adds a module-level ``merge_method``
+(mergekit ignores the key and merges every module with the top-level method).
 
 Method names and parameters are checked against the registry here, before any file is
 opened, so a typo fails in milliseconds with the list of valid names.
@@ -30,6 +35,7 @@ TOP_KEYS = (
     "base_model",
     "models",
     "slices",
+    "modules",
     "parameters",
     "dtype",
     "out_dtype",
@@ -40,9 +46,7 @@ TOP_KEYS = (
     "name",
     "embed_slerp",
 )
-UNSUPPORTED_KEYS = {
-    "modules": "multi-module (vision-language) recipes are not supported yet; use models or slices",
-}
+MODULE_KEYS = ("models", "slices", "parameters", "merge_method")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 # Outputs may also be FP8 with fresh block scales (graft.plan.quantized).
@@ -56,6 +60,8 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_NODES = 100_000
 MAX_LAYER = 100_000
 MAX_SEED = 2**63 - 1
+MAX_MODULES = 64
+MAX_MODULE_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -161,13 +167,40 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class ModuleRecipe:
+    """One entry of ``modules:``: a module's own inputs, parameters and method.
+
+    Attributes:
+        name: the module's name (`graft.plan.modules` says which tensors it holds).
+        method: the module's ``merge_method`` (graft's) or else the recipe's.
+        models / slices: exactly one is set, as for a whole recipe.
+        parameters: the module's parameters, between the slice's and the global ones.
+    """
+
+    name: str
+    method: MethodSpec
+    models: tuple[InputModel, ...] | None
+    slices: tuple[OutputSlice, ...] | None
+    parameters: Settings = field(default_factory=dict)
+
+    def referenced_models(self) -> list[ModelRef]:
+        refs = [m.model for m in self.models or ()]
+        for s in self.slices or ():
+            refs += [src.model for src in s.sources]
+            if s.base_model:
+                refs.append(s.base_model)
+        return refs
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated merge recipe.
 
     Attributes:
         method: the registry entry for ``merge_method``.
-        models: the ``models:`` form (None when ``slices:`` is used).
-        slices: the ``slices:`` form (None when ``models:`` is used).
+        models: the ``models:`` form (None when ``slices:`` or ``modules:`` is used).
+        slices: the ``slices:`` form (None when ``models:`` or ``modules:`` is used).
+        modules: the ``modules:`` form, in recipe order (None otherwise).
         dtype / out_dtype: mergekit's storage dtypes; graft always *computes* in float32
             (float64 where a method asks) and writes ``out_dtype`` or else ``dtype`` or
             else each tensor's own storage dtype.
@@ -201,6 +234,13 @@ class Recipe:
     chat_template: str | None = None
     name: str | None = None
     aliases: Mapping[str, Path] = field(default_factory=dict)
+    modules: tuple[ModuleRecipe, ...] | None = None
+
+    def first_model(self) -> ModelRef:
+        """The base model, else the first model the recipe lists."""
+        if self.base_model is not None:
+            return self.base_model
+        return self.referenced_models()[0]
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the recipe names, base first, each once, in recipe order."""
@@ -211,6 +251,8 @@ class Recipe:
             refs += [src.model for src in s.sources]
             if s.base_model:
                 refs.append(s.base_model)
+        for module in self.modules or ():
+            refs += module.referenced_models()
         return list(dict.fromkeys(refs))
 
     def named_models(self) -> list[ModelRef]:
@@ -296,8 +338,6 @@ def recipe_from_mapping(raw: Any, *, text: str, root: Path | None = None) -> Rec
     for key in raw:
         if not isinstance(key, str):
             raise RecipeError(f"unknown recipe key {show(key)}; valid keys: {', '.join(TOP_KEYS)}")
-        if key in UNSUPPORTED_KEYS:
-            raise RecipeError(f"recipe key '{key}': {UNSUPPORTED_KEYS[key]}")
         if key not in TOP_KEYS:
             raise RecipeError(f"unknown recipe key {show(key)}; valid keys: {', '.join(TOP_KEYS)}")
     if "merge_method" not in raw:
@@ -307,12 +347,13 @@ def recipe_from_mapping(raw: Any, *, text: str, root: Path | None = None) -> Rec
         raise RecipeError(f"unknown merge method {show(raw['merge_method'])}; valid: {valid}")
     method = get_method(raw["merge_method"])
 
-    has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
-    if has_models == has_slices:
-        raise RecipeError("recipe needs exactly one of 'models' or 'slices'")
+    forms = [k for k in ("models", "slices", "modules") if raw.get(k) is not None]
+    if len(forms) != 1:
+        raise RecipeError("recipe needs exactly one of 'models', 'slices' or 'modules'")
     base = ModelRef.parse(raw["base_model"], "base_model") if raw.get("base_model") else None
-    models = _parse_models(raw["models"], method) if has_models else None
-    slices = _parse_slices(raw["slices"], method) if has_slices else None
+    models = _parse_models(raw["models"], method) if forms == ["models"] else None
+    slices = _parse_slices(raw["slices"], method) if forms == ["slices"] else None
+    modules = _parse_modules(raw["modules"], method) if forms == ["modules"] else None
     params = _parse_params(raw.get("parameters"), method, "parameters", per_model_ok=True)
     if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
         raise RecipeError(
@@ -340,17 +381,53 @@ def recipe_from_mapping(raw: Any, *, text: str, root: Path | None = None) -> Rec
         tokenizer=tokenizer,
         chat_template=parse_chat_template(raw.get("chat_template")),
         name=name,
+        modules=modules,
     )
-    _check_base(recipe)
+    for module in modules or ():
+        _check_base(module.method, recipe.base_model, module.slices, f"modules.{module.name}: ")
+    if modules is None:
+        _check_base(method, recipe.base_model, slices)
     return recipe
 
 
-def _parse_models(raw: Any, method: MethodSpec) -> tuple[InputModel, ...]:
+def _parse_modules(raw: Any, method: MethodSpec) -> tuple[ModuleRecipe, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise RecipeError(
+            "'modules' must be a mapping of module name to {models: [...]} or {slices: [...]}"
+        )
+    if len(raw) > MAX_MODULES:
+        raise RecipeError(f"'modules' lists {len(raw)} modules; at most {MAX_MODULES}")
+    out = []
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_MODULE_NAME:
+            raise RecipeError(f"modules: module names must be short strings, got {show(name)}")
+        where = f"modules.{name}"
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{where}: must be a mapping with models: or slices:")
+        _check_keys(entry, MODULE_KEYS, where)
+        own = entry.get("merge_method")
+        if own is not None and (not isinstance(own, str) or own not in METHODS):
+            valid = ", ".join(sorted(METHODS))
+            raise RecipeError(f"{where}.merge_method: unknown method {show(own)}; valid: {valid}")
+        m = get_method(own) if own is not None else method
+        has_models, has_slices = entry.get("models") is not None, entry.get("slices") is not None
+        if has_models == has_slices:
+            raise RecipeError(f"{where}: give exactly one of 'models' or 'slices'")
+        models = _parse_models(entry["models"], m, f"{where}.") if has_models else None
+        slices = _parse_slices(entry["slices"], m, f"{where}.") if has_slices else None
+        params = _parse_params(entry.get("parameters"), m, f"{where}.parameters")
+        out.append(ModuleRecipe(name, m, models, slices, params))
+    return tuple(out)
+
+
+def _parse_models(raw: Any, method: MethodSpec, at: str = "") -> tuple[InputModel, ...]:
     if not isinstance(raw, list) or not raw:
-        raise RecipeError("'models' must be a non-empty list of {model: PATH, parameters: {...}}")
+        raise RecipeError(
+            f"'{at}models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}"
+        )
     out = []
     for i, entry in enumerate(raw):
-        where = f"models[{i}]"
+        where = f"{at}models[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
@@ -361,12 +438,12 @@ def _parse_models(raw: Any, method: MethodSpec) -> tuple[InputModel, ...]:
     return tuple(out)
 
 
-def _parse_slices(raw: Any, method: MethodSpec) -> tuple[OutputSlice, ...]:
+def _parse_slices(raw: Any, method: MethodSpec, at: str = "") -> tuple[OutputSlice, ...]:
     if not isinstance(raw, list) or not raw:
-        raise RecipeError("'slices' must be a non-empty list of {sources: [...]}")
+        raise RecipeError(f"'{at}slices' must be a non-empty list of {{sources: [...]}}")
     out = []
     for i, entry in enumerate(raw):
-        where = f"slices[{i}]"
+        where = f"{at}slices[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list):
             raise RecipeError(f"{where}: each slice needs 'sources: [{{model, layer_range}}]'")
         _check_keys(entry, ("sources", "base_model", "parameters", "residual_weight"), where)
@@ -450,11 +527,15 @@ def _parse_seed(raw: Any) -> int | None:
     return raw
 
 
-def _check_base(recipe: Recipe) -> None:
-    method = recipe.method
+def _check_base(
+    method: MethodSpec,
+    base: ModelRef | None,
+    slices: tuple[OutputSlice, ...] | None,
+    where: str = "",
+) -> None:
     if method.base == "required":
-        slice_bases = [s.base_model for s in recipe.slices or ()]
-        if recipe.base_model is None and not (slice_bases and all(slice_bases)):
+        slice_bases = [s.base_model for s in slices or ()]
+        if base is None and not (slice_bases and all(slice_bases)):
             raise RecipeError(
-                f"{method.name} needs base_model: the model the fine-tunes started from"
+                f"{where}{method.name} needs base_model: the model the fine-tunes started from"
             )
