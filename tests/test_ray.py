@@ -58,6 +58,8 @@ def ray_cluster(tmp_path_factory, s3_env):
     path = os.pathsep.join(
         p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
     )
+    # Workers at the tests' priority, not Ray's nice 15 (starved on a busy machine).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(3):  # Ray gives a node 30 s to start: a busy machine can miss it
         try:
             ray.init(

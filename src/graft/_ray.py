@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 from graft.recipe import RecipeError
@@ -39,6 +40,9 @@ def connect(address: str) -> ModuleType:
         return ray
     try:
         if address == "local":
+            # This instance exists for one command on this machine: its workers run at
+            # the command's own priority, not Ray's default nice 15 (docs/scale-out.md).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)

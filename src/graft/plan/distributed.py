@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from graft._ray_progress import Tracker
 from graft.io import (
     atomic_output_dir,
     plan_shards,
@@ -106,7 +107,7 @@ def run_plan_ray(
     with atomic_output_dir(
         Path(out), force=force, inputs=plan.input_paths(), overwrite_anything=overwrite_anything
     ) as tmp:
-        tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+        tracker = ray.remote(num_cpus=0)(Tracker).remote()
         task = ray.remote(_merge_group).options(num_cpus=1, max_retries=max_retries)
         plan_ref = ray.put(plan)
         refs = [
@@ -162,19 +163,6 @@ def _merge_group(
         plan.close()
     tracker.report.remote(key, done[0], done[1])
     return stats
-
-
-class _Tracker:
-    """A Ray actor summing the progress of every task (the latest attempt of each)."""
-
-    def __init__(self) -> None:
-        self.done: dict[int, tuple[int, int]] = {}
-
-    def report(self, key: int, tensors: int, nbytes: int) -> None:
-        self.done[key] = (tensors, nbytes)
-
-    def totals(self) -> tuple[int, int]:
-        return sum(t for t, _ in self.done.values()), sum(b for _, b in self.done.values())
 
 
 def _gather(ray, refs, groups, tracker, progress, max_retries) -> list[RunStats]:
