@@ -1,4 +1,4 @@
-"""The MoE outputs graft builds from dense Llama / Mistral (/ Qwen2) experts, as data.
+"""The MoE outputs graft builds from dense Llama / Mistral / Qwen2 / Qwen3 experts, as data.
 
 Tensor names are the Hub's classic layouts, which every transformers version loads
 (transformers 5 converts them to its fused ``experts.gate_up_proj`` on load), as do
@@ -10,6 +10,9 @@ llama.cpp and vLLM:
 * Qwen2-MoE: ``model.layers.L.mlp.gate.weight``, ``...mlp.experts.E.{gate,up,down}_proj``,
   ``...mlp.shared_expert.{gate,up,down}_proj`` and ``...mlp.shared_expert_gate.weight``
   (``(1, hidden)``). Its attention has q/k/v biases: zeros where the base has none.
+* Qwen3-MoE (from Qwen3 experts only, as mergekit): ``model.layers.L.mlp.gate.weight`` and
+  ``...mlp.experts.E.{gate,up,down}_proj.weight``; no shared expert. The attention (with
+  Qwen3's ``q_norm`` / ``k_norm``) is the base's, unchanged.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class MoEArch:
     """One output architecture.
 
     Attributes:
-        name: the recipe's ``architecture`` value graft stores (``mixtral``, ``qwen2_moe``).
+        name: graft's name of the output (``mixtral``, ``qwen2_moe``, ``qwen3_moe``).
         title: for messages.
         source_types: the dense ``model_type`` values its experts may have.
         expert: output name of expert ``e``'s projection in layer ``l``; takes ``layer``,
@@ -53,6 +56,7 @@ class MoEArch:
         router: output name of layer ``l``'s router.
         shared: output name of the shared expert's projection (None: no shared expert).
         shared_gate: output name of the shared expert's gate (None: no shared expert).
+        shared_count: how many shared experts it takes (mergekit's rule: 0 or exactly 1).
         qkv_bias: the attention has q/k/v biases.
         config: the MoE ``config.json`` from the dense base's.
     """
@@ -66,6 +70,7 @@ class MoEArch:
     shared_gate: Callable[[int], str] | None
     qkv_bias: bool
     config: Callable[..., dict]
+    shared_count: int = 0
 
 
 _MIXTRAL_W = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -103,6 +108,24 @@ def _qwen2_moe_config(base: Mapping, *, num_experts: int, experts_per_token: int
     return cfg
 
 
+def _qwen3_moe_config(base: Mapping, *, num_experts: int, experts_per_token: int, **_) -> dict:
+    # Qwen3's sliding-window keys carry over (Qwen3MoeConfig has the same ones), as in
+    # mergekit's Qwen3MoeConfig(**base_config.to_dict()).
+    keep = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+    cfg = {k: v for k, v in base.items() if k not in _DROP or k in keep}
+    cfg.update(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        num_experts=num_experts,
+        num_experts_per_tok=experts_per_token,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,  # mergekit's choice, as for Qwen2-MoE
+        moe_intermediate_size=base["intermediate_size"],
+    )
+    return cfg
+
+
 ARCHS = {
     "mixtral": MoEArch(
         name="mixtral",
@@ -127,6 +150,18 @@ ARCHS = {
         shared_gate=lambda i: f"model.layers.{i}.mlp.shared_expert_gate.weight",
         qkv_bias=True,
         config=_qwen2_moe_config,
+        shared_count=1,
+    ),
+    "qwen3_moe": MoEArch(
+        name="qwen3_moe",
+        title="Qwen3-MoE",
+        source_types=("qwen3",),
+        expert=lambda i, e, p: f"model.layers.{i}.mlp.experts.{e}.{p}.weight",
+        router=lambda i: f"model.layers.{i}.mlp.gate.weight",
+        shared=None,
+        shared_gate=None,
+        qkv_bias=False,
+        config=_qwen3_moe_config,
     ),
 }
 
@@ -136,10 +171,25 @@ def dense_mlp(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.{proj}.weight"
 
 
-def get_arch(name: str) -> MoEArch:
-    """The architecture named ``name``.
+def choose_arch(names: tuple[str, ...], model_type: str | None, shared: int) -> MoEArch:
+    """The first of ``names`` (mergekit's order) that takes ``shared`` shared experts of
+    dense type ``model_type``, as mergekit-moe picks among the outputs that match.
 
     Raises:
-        KeyError: an unknown name (the recipe layer validates names first).
+        ValueError: none does; the message gives each one's reason.
     """
-    return ARCHS[name]
+    reasons = []
+    for name in names:
+        arch = ARCHS[name]
+        if arch.shared_count != shared:
+            want = "exactly one entry" if arch.shared_count else "no entries"
+            reasons.append(f"{arch.title} takes {want} in shared_experts")
+        elif model_type not in arch.source_types:
+            types = ", ".join(arch.source_types)
+            reasons.append(f"{arch.title} takes experts of type {types}")
+        else:
+            return arch
+    raise ValueError(
+        f"no MoE output of architecture {'/'.join(names)} takes these {model_type!r} models: "
+        + "; ".join(reasons)
+    )

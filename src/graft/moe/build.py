@@ -39,8 +39,8 @@ from graft.moe.arch import (
     MLP_PROJS,
     RESIDUAL_PROJ,
     MoEArch,
+    choose_arch,
     dense_mlp,
-    get_arch,
 )
 from graft.plan import PlanError, RunStats, Source, default_threads, run_pass, tensor_seed
 from graft.plan.models import open_models
@@ -143,8 +143,13 @@ def plan_moe(recipe: MoERecipe, *, seed: int | None = None) -> MoEPlan:
 
 
 def _plan(r: MoERecipe, ckpts: dict[ModelRef, Checkpoint], seed: int) -> MoEPlan:
-    arch = get_arch(r.architecture)
     base = ckpts[r.base_model]
+    try:
+        arch = choose_arch(
+            r.architectures, (base.config or {}).get("model_type"), len(r.shared_experts)
+        )
+    except ValueError as e:
+        raise PlanError(f"base_model {r.base_model}: {e}") from None
     cfg = _check_configs(r, arch, ckpts)
     layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
     ref = {p: base.info(dense_mlp(0, p)) for p in MLP_PROJS if dense_mlp(0, p) in base}

@@ -53,9 +53,16 @@ EXPERT_KEYS = (
 # "uniform_random" U(-1/sqrt(h), 1/sqrt(h)), torch.nn.Linear's initialisation.
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 RANDOM_MODES = ("random", "uniform_random")
-# `architecture:` is matched as mergekit does, as a prefix of the output's name.
-ARCHITECTURES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe"}
-UNSUPPORTED_ARCHITECTURES = ("deepseek", "qwen3")
+# `architecture:` is matched as mergekit does, as a prefix of its outputs' names, in its
+# order; of several matches (``qwen``, or none given) the first that takes the models wins
+# (`graft.moe.build`). How many shared experts each output takes, as mergekit's.
+ARCHITECTURES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe", "qwen3 moe": "qwen3_moe"}
+SHARED_EXPERTS = {"mixtral": 0, "qwen2_moe": 1, "qwen3_moe": 0}
+TITLES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
+# mergekit-moe's DeepSeek output is DeepSeek-MoE v1 as remote code from the Hub
+# (auto_map to deepseek-ai/deepseek-moe-16b-base); transformers has no such class and
+# graft never downloads, so it could not load what graft wrote.
+UNSUPPORTED_ARCHITECTURES = ("deepseek",)
 MAX_EXPERTS = 1024
 MAX_PROMPTS = 10_000
 
@@ -76,8 +83,11 @@ class MoERecipe:
     """A validated mergekit-moe recipe.
 
     Attributes:
-        architecture: ``"mixtral"`` or ``"qwen2_moe"`` (the default: Mixtral without shared
-            experts, Qwen2-MoE with one, as mergekit chooses).
+        architectures: the outputs ``architecture:`` names (a prefix of their names; all
+            when not given), in mergekit's order (``mixtral``, ``qwen2_moe``, ``qwen3_moe``);
+            planning picks the first whose expert types fit the models, as mergekit does
+            (so no ``architecture:`` gives Mixtral for Llama experts, Qwen2-MoE with one
+            shared expert, Qwen3-MoE for Qwen3 experts).
         text: the YAML as given, for the model card.
         root: folder of the recipe file, where relative model paths are also looked up.
     """
@@ -88,7 +98,7 @@ class MoERecipe:
     gate_mode: str
     dtype: str | None
     experts_per_token: int
-    architecture: str
+    architectures: tuple[str, ...]
     seed: int | None
     text: str
     root: Path | None = None
@@ -153,7 +163,7 @@ def parse_moe_recipe(
         gate_mode=gate_mode,
         dtype=_parse_dtype(raw.get("dtype")),
         experts_per_token=_parse_count(raw.get("experts_per_token", 2), "experts_per_token"),
-        architecture=_parse_architecture(raw.get("architecture"), shared),
+        architectures=_parse_architecture(raw.get("architecture"), shared),
         seed=_parse_seed(raw.get("seed")),
         text=text,
         root=root,
@@ -245,19 +255,30 @@ def _parse_seed(raw: Any) -> int | None:
     return raw
 
 
-def _parse_architecture(raw: Any, shared: tuple[Expert, ...]) -> str:
-    valid = "mixtral, qwen (Qwen2-MoE)"
+def _parse_architecture(raw: Any, shared: tuple[Expert, ...]) -> tuple[str, ...]:
+    valid = "mixtral, qwen (Qwen2-MoE, Qwen3-MoE), qwen3"
     if raw is None:
-        return "qwen2_moe" if shared else "mixtral"
-    if not isinstance(raw, str) or not raw.strip():
+        matches = list(ARCHITECTURES.values())
+    elif not isinstance(raw, str) or not raw.strip():
         raise RecipeError(f"architecture: must be a name ({valid}), got {show(raw)}")
-    name = raw.strip().lower()
-    if name.startswith(UNSUPPORTED_ARCHITECTURES):
-        raise RecipeError(f"architecture: {show(raw)} output is not supported yet; use {valid}")
-    matches = [arch for full, arch in ARCHITECTURES.items() if full.startswith(name)]
-    if not matches:
-        raise RecipeError(f"architecture: unknown output {show(raw)}; valid: {valid}")
-    return matches[0]
+    else:
+        name = raw.strip().lower()
+        if name.startswith(UNSUPPORTED_ARCHITECTURES):
+            raise RecipeError(
+                f"architecture: {show(raw)}: mergekit's DeepSeek output is remote code that "
+                f"transformers cannot load offline, so graft does not build it; use {valid}"
+            )
+        matches = [arch for full, arch in ARCHITECTURES.items() if full.startswith(name)]
+        if not matches:
+            raise RecipeError(f"architecture: unknown output {show(raw)}; valid: {valid}")
+    if any(SHARED_EXPERTS[a] == len(shared) for a in matches):
+        return tuple(matches)
+    if "qwen2_moe" in matches:
+        raise RecipeError("shared_experts: Qwen2-MoE output needs exactly one shared expert")
+    raise RecipeError(
+        f"shared_experts: {TITLES[matches[0]]} has no shared experts; remove them or use "
+        "architecture: qwen"
+    )
 
 
 def _check(r: MoERecipe, allow_same_experts: bool) -> None:
@@ -266,12 +287,6 @@ def _check(r: MoERecipe, allow_same_experts: bool) -> None:
             f"experts_per_token: {r.experts_per_token} but only {len(r.experts)} experts; "
             "list at least as many experts as experts_per_token"
         )
-    if r.architecture == "mixtral" and r.shared_experts:
-        raise RecipeError(
-            "shared_experts: Mixtral has no shared experts; remove them or use architecture: qwen"
-        )
-    if r.architecture == "qwen2_moe" and len(r.shared_experts) != 1:
-        raise RecipeError("shared_experts: Qwen2-MoE output needs exactly one shared expert")
     if r.gate_mode in RANDOM_MODES:
         return
     for where, group in (("experts", r.experts), ("shared_experts", r.shared_experts)):
