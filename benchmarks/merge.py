@@ -54,6 +54,10 @@ MD_START = (
 MD_END = "<!-- merge-bench:end -->"
 
 TIES_DENSITY = 0.5
+# Methods of the ties recipe shape (base, weight 1, density 0.5, normalize: true); those
+# after "ties" run with graft only (--family-methods) and are timed against graft's ties.
+TIES_FAMILY = ("ties", "dare_ties", "breadcrumbs_ties", "della")
+VOCAB_256K = 256_000
 
 TARGETS = {
     "ties_speedup_vs_mergekit": 6.0,  # mergekit time / graft time >= 6
@@ -61,6 +65,7 @@ TARGETS = {
     "linear_speedup_vs_mergekit": 1.5,  # mergekit time / graft time >= 1.5
     "rss_vs_mergekit": 0.5,  # graft peak RSS / mergekit peak RSS <= 0.5
     "rss_2x_layers": 2.0,  # graft peak RSS 2x layers / 1x < 2
+    "family_vs_ties": 1.3,  # graft dare_ties / breadcrumbs_ties / della time / ties time <= 1.3
 }
 
 
@@ -80,7 +85,7 @@ def recipe_text(
         lines.append("models:")
         for ft in fts:
             lines += [f"  - model: {ft}", "    parameters:", f"      weight: {1 / len(fts)!r}"]
-    elif method == "ties":
+    elif method in TIES_FAMILY:
         lines.append(f"base_model: {family / 'base'}")
         lines.append("models:")
         for ft in fts:
@@ -92,7 +97,7 @@ def recipe_text(
             ]
         lines += ["parameters:", "  normalize: true"]
     else:
-        raise SystemExit(f"unknown benchmark method {method!r} (linear, ties)")
+        raise SystemExit(f"unknown benchmark method {method!r} (linear, {', '.join(TIES_FAMILY)})")
     if dtype:
         lines.append(f"dtype: {dtype}")
     if out_dtype:
@@ -102,7 +107,7 @@ def recipe_text(
 
 def input_dirs(method: str, family: Path, spec: make_family.FamilySpec) -> list[Path]:
     fts = [family / m for m in spec.model_names[1:]]
-    return ([family / "base"] + fts) if method == "ties" else fts
+    return ([family / "base"] + fts) if method in TIES_FAMILY else fts
 
 
 def ties_ctx(method: str, inputs: list[Path]) -> tuple[list[Path], float] | None:
@@ -563,7 +568,7 @@ def render_markdown(res: dict) -> str:
         f"torch {m['torch']} (graft) / {m['mergekit_torch']} (mergekit); mergekit {m['mergekit']}; "
         f"graft rev {m['graft_rev']}, src sha256 {m['graft_src_sha256']}. "
         f"Threads: {res['threads'] or 'tool defaults'}; repeats: {res['repeats']} per tool; "
-        f"page cache: {'dropped before every run' if res['cache_dropped'] else 'NOT dropped (no permission): all runs warm'}."
+        f"page cache: {'dropped before every run' if res['cache_dropped'] else 'NOT dropped: all runs warm'}."
     )
     L.append("")
     L.append(
@@ -615,11 +620,28 @@ def render_markdown(res: dict) -> str:
             f"| {method}: graft peak RSS / mergekit peak RSS | {fmt_x(r.get(key))} | | | ≤ 0.5× | "
             f"{verdict(r.get(key), TARGETS['rss_vs_mergekit'], False)} |"
         )
+    for method in TIES_FAMILY[1:]:
+        key = f"{method}_vs_ties"
+        if key in r:
+            tgt = TARGETS["family_vs_ties"]
+            L.append(
+                f"| {method}: graft time / graft ties time | {fmt_x(r.get(key))} | | "
+                f"{fmt_x(r.get(key + '_cpu'))} | ≤ {tgt}× | {verdict(r.get(key), tgt, False)} |"
+            )
     if "ties_rss_2x_layers" in r:
         v2 = r.get("ties_rss_2x_layers")
         L.append(
             f"| ties: graft peak RSS, 2× layers / 1× | {fmt_x(v2)} | | | < 2× | "
             f"{verdict(v2, TARGETS['rss_2x_layers'], False, strict=True)} |"
+        )
+    vf = fam.get("vocab_family")
+    if vf:
+        L.append("")
+        L.append(
+            f"256k vocabulary: `{vf['name']}` ({vf['params'] / 1e6:.1f}M parameters, of which "
+            f"embedding and head {2 * vf['embedding_params'] / 1e6:.1f}M; each is "
+            f"{vf['embedding_bytes'] / 2**20:.0f} MiB per model in bfloat16), merged with ties "
+            "by graft: its peak RSS is in the table above."
         )
     L.append("")
     L.append(
@@ -698,6 +720,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-2x", action="store_true", help="skip the 2x-layers memory check")
     ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="never drop the page cache (shared machines): every run reads warm inputs",
+    )
+    ap.add_argument(
+        "--family-methods",
+        default="dare_ties,breadcrumbs_ties,della",
+        help="TIES-family methods run with graft only, timed against graft's ties ('' for none)",
+    )
+    ap.add_argument(
+        "--vocab-256k",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also merge (ties, graft) a small-hidden family with a 256k vocabulary: peak memory",
+    )
+    ap.add_argument(
         "--verify-fp32",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -738,7 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     fam2 = None if args.no_2x else make_family.build_family(spec2, args.workdir)
 
     src_at_start = src_hash()
-    drop = can_drop_caches()
+    # --warm: on a machine shared with other work, dropping the page cache (a global act)
+    # slows everyone's jobs; warm runs compare tools on compute and page-cache reads.
+    drop = False if args.warm else can_drop_caches()
     print(
         f"page cache: {'dropped before each run' if drop else 'cannot drop (not root?): warm runs'}"
     )
@@ -813,8 +853,35 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verify[key] = {"error": "a run failed"}
 
+    family_methods = [m.strip() for m in args.family_methods.split(",") if m.strip()]
+    if "ties" in summary and family_methods:
+        fam_runs: dict[str, list[dict]] = {m: [] for m in family_methods}
+        for rep in range(args.repeats):
+            for method in family_methods if rep % 2 == 0 else family_methods[::-1]:
+                recipe = recipes_dir / f"{method}.yaml"
+                recipe.write_text(recipe_text(method, fam1, spec1, dtype))
+                res = run_tool(
+                    "graft", recipe, outs / method / "graft", input_dirs(method, fam1, spec1),
+                    args, f"{method}-graft-{rep}", drop,
+                )  # fmt: skip
+                res.update(method=method, rep=rep, family=spec1.name)
+                fam_runs[method].append(res)
+                all_runs.append(res)
+        for method, rs in fam_runs.items():
+            summary[method] = {"graft": summarize(rs)}
+
     ratios: dict[str, float | None] = {}
+    for method in family_methods:
+        if method in summary and "ties" in summary:
+            ratios[f"{method}_vs_ties"] = ratio(
+                summary[method]["graft"]["wall_s"], summary["ties"]["graft"]["wall_s"]
+            )
+            ratios[f"{method}_vs_ties_cpu"] = ratio(
+                summary[method]["graft"]["cpu_s"], summary["ties"]["graft"]["cpu_s"]
+            )
     for method, s in summary.items():
+        if "mergekit" not in s:
+            continue
         g, mk, fl = s["graft"], s["mergekit"], s["floor"]
         ratios[f"{method}_speedup"] = ratio(mk["wall_s"], g["wall_s"])
         ratios[f"{method}_vs_floor"] = ratio(g["wall_s"], fl["wall_s"])
@@ -862,6 +929,42 @@ def main(argv: list[str] | None = None) -> int:
         )
         family_info.update(layers_2x=spec2.layers, params_2x=spec2.num_params())
 
+    if args.vocab_256k and "ties" in methods:
+        spec_v = make_family.FamilySpec(
+            **{
+                **make_family.asdict(base_spec),
+                "hidden": 256 if not args.quick else 64,
+                "intermediate": 704 if not args.quick else 176,
+                "layers": 2,
+                "heads": 4,
+                "kv_heads": 4,
+                "vocab": VOCAB_256K if not args.quick else 4096,
+            }
+        )
+        fam_v = make_family.build_family(spec_v, args.workdir)
+        recipe_v = args.workdir / "recipes" / spec_v.name / "ties.yaml"
+        recipe_v.parent.mkdir(parents=True, exist_ok=True)
+        recipe_v.write_text(recipe_text("ties", fam_v, spec_v, dtype))
+        print(f"== ties, {spec_v.vocab}-token vocabulary: {recipe_v}")
+        runs_v = []
+        for rep in range(args.repeats):
+            res = run_tool(
+                "graft", recipe_v, outs / "ties-vocab" / "graft", input_dirs("ties", fam_v, spec_v),
+                args, f"ties-vocab-graft-{rep}", drop,
+            )  # fmt: skip
+            res.update(method="ties-vocab", rep=rep, family=spec_v.name)
+            runs_v.append(res)
+            all_runs.append(res)
+        label = f"ties ({spec_v.vocab // 1000}k vocab)"
+        summary[label] = {"graft": summarize(runs_v)}
+        emb = spec_v.vocab * spec_v.hidden
+        family_info["vocab_family"] = {
+            "name": spec_v.name,
+            "params": spec_v.num_params(),
+            "embedding_params": emb,
+            "embedding_bytes": emb * 2,
+        }
+
     profile = None
     if args.py_spy and "ties" in methods:
         print("== profiling graft ties with py-spy")
@@ -876,7 +979,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("WARNING: graft's sources changed during the run", file=sys.stderr)
     if not drop:
-        notes.append("The page cache could not be dropped: every run read warm inputs.")
+        notes.append(
+            "The page cache was not dropped (--warm: the machine is shared): every run read "
+            "warm inputs, so the I/O floor is page-cache reads and writes."
+            if args.warm
+            else "The page cache could not be dropped: every run read warm inputs."
+        )
     notes.append(
         "Wall time is spawn-to-exit of the tool's process (interpreter start and imports "
         "included); the `sync` after each run (flushing written pages) is excluded for all tools."
