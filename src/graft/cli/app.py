@@ -19,6 +19,7 @@ from graft.cli import (
     merge,
     methods,
     moe_cmd,
+    pleas_cmd,
     rank_cmd,
     search_cmd,
     soup_cmd,
@@ -68,6 +69,7 @@ app.command("soup")(soup_cmd.soup)
 app.command("search")(search_cmd.search)
 app.command("adamerging")(adamerging_cmd.adamerging)
 app.command("twin")(twin_command)
+app.command("pleas")(pleas_cmd.pleas)
 app.command("check")(check_cmd.check)
 app.command("lint")(lint_cmd.lint)
 app.command("distill")(distill_command)
