@@ -232,3 +232,40 @@ def test_direction_is_a_t_statistic_over_matrices():
     assert direction(torch.tensor([0.1, 0.12, 0.09, 0.11]), parent) < -10
     assert abs(direction(parent, torch.tensor([0.1, -0.1, 0.05, -0.06]))) < 2
     assert direction(torch.tensor([0.0]), torch.tensor([0.5])) == math.inf
+
+
+# --- permuted copies -------------------------------------------------------------------------
+
+
+def test_index_links_a_permuted_copy_to_its_original(family, tmp_path):
+    """A fine-tune saved with its hidden units reordered is unrelated by raw distance
+    (ratio ~1) but its original's child once aligned; the unrelated model stays alone
+    (weight matching does not make independently trained models look related)."""
+    from graft.align import permutation_spec, permute, random_permutation
+
+    _, models = family
+    spec = permutation_spec(_config(), backbone_state(models["ft"]))
+    perms = random_permutation(spec, seed=3)
+    permuted = build_backbone(_config())
+    permuted.load_state_dict(permute(backbone_state(models["ftft"]), spec, perms))
+    root = tmp_path / "models"
+    for name in ("base", "ft", "unrelated"):
+        save_backbone(models[name], _config(), root / name)
+    save_backbone(permuted.eval(), _config(), root / "ftft-permuted")
+    raw = infer_lineage([_mats(models["ft"]), _mats(permuted)])
+    assert raw.ratio(0, 1) > 0.9  # raw distances see no relation
+    with ZooIndex(tmp_path / "zoo.sqlite") as index:
+        index.scan([root])
+        lin = index_lineage(index)
+        name = {r.id: r.path.rsplit("/", 1)[-1] for r in index.models()}
+        off = index_lineage(index, permutations=False)
+    assert len(lin.families) == 1
+    fam = lin.families[0]
+    parents = {name[c]: (name[p] if p is not None else None) for c, p in fam.parents.items()}
+    assert parents == {"base": None, "ft": "base", "ftft-permuted": "ft"}
+    flags = {name[c]: v for c, v in fam.permuted.items()}
+    assert flags == {"ft": False, "ftft-permuted": True}
+    child = next(c for c in fam.parents if name[c] == "ftft-permuted")
+    assert fam.ratio[child] < 0.3
+    assert [name[i] for i in lin.singletons] == ["unrelated"]
+    assert sorted(name[i] for i in off.singletons) == ["ftft-permuted", "unrelated"]

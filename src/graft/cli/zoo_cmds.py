@@ -266,8 +266,10 @@ def tree(
 
 def _grow(node: Tree, mid: int, fam, names, checks) -> None:
     for child in sorted(c for c, p in fam.parents.items() if p == mid):
+        permuted = ", permuted copy: units reordered" if fam.permuted.get(child) else ""
         sub = node.add(
-            f"{safe(names[child])} [dim](distance {fam.distance[child]:.3g}, ratio {fam.ratio[child]:.2f})[/]"
+            f"{safe(names[child])} [dim](distance {fam.distance[child]:.3g}, ratio "
+            f"{fam.ratio[child]:.2f}{permuted})[/]"
         )
         _flags(sub, child, checks)
         _grow(sub, child, fam, names, checks)
@@ -293,6 +295,7 @@ def _tree_json(lin, names) -> dict:
                         "child": names[c],
                         "distance": f.distance[c],
                         "ratio": f.ratio[c],
+                        "permuted": f.permuted.get(c, False),
                     }
                     for c, p in sorted(f.parents.items())
                     if p is not None

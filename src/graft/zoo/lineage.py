@@ -28,9 +28,21 @@ Steps, on the fixed weight sample the zoo index keeps for every model
    one model becomes the root; between equally cheap trees, the model nearest to all the
    others is the root (a base fine-tuned several times is the centre of its children).
 
-Limits: permuted copies (hidden units reordered) defeat raw distances; two siblings whose
-parent is not in the index are linked as parent and child; identical weights cannot be
-ordered.
+5. **Permuted copies.** Reordering hidden units leaves a network's function unchanged but
+   makes its raw distance to the original that of an unrelated model. When a signature
+   still has several families after step 2 and its architecture has a permutation spec
+   (`graft.align`: GraftDigitsNet, BERT encoders; at most `ALIGN_MAX_PARAMS` parameters),
+   each later family's first model is aligned to each earlier family's first model by
+   weight matching on the *full* tensors (the sample's rows are a subset, so they cannot
+   be matched on their own), the sample is re-read from the aligned tensors, and the
+   ratio recomputed. Below ``related_ratio`` the whole family is moved into the earlier
+   family's basis (every member permuted the same way) and steps 2-4 run again; an edge
+   that joins two such families is marked ``permuted``. Weight matching brings unrelated
+   trained models closer but not near the threshold (the lineage tests measure it).
+
+Limits: two siblings whose parent is not in the index are linked as parent and child;
+identical weights cannot be ordered; aligning reads two whole models per pair of families
+(bounded by `ALIGN_MAX_PARAMS`; ``permutations=False`` turns step 5 off).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ if TYPE_CHECKING:
     from graft.zoo.index import ModelRecord, ZooIndex
 
 RELATED_RATIO = 0.5
+ALIGN_MAX_PARAMS = 200_000_000  # step 5 reads whole models; larger ones are not aligned
 KURTOSIS_SIGN = +1  # kurtosis rises from parent to child (measured; see module docstring)
 DIRECTION_T = 2.0  # |t| of the per-matrix kurtosis change needed to orient an edge
 
@@ -275,6 +288,7 @@ class Family:
     distance: dict[int, float] = field(default_factory=dict)  # child -> distance to parent
     ratio: dict[int, float] = field(default_factory=dict)  # child -> distance / null
     kurtosis: dict[int, float] = field(default_factory=dict)
+    permuted: dict[int, bool] = field(default_factory=dict)  # child -> edge needed alignment
 
 
 @dataclass
@@ -295,9 +309,16 @@ class IndexLineage:
 
 
 def index_lineage(
-    index: ZooIndex, *, related_ratio: float = RELATED_RATIO, sign: int = KURTOSIS_SIGN
+    index: ZooIndex,
+    *,
+    related_ratio: float = RELATED_RATIO,
+    sign: int = KURTOSIS_SIGN,
+    permutations: bool = True,
 ) -> IndexLineage:
-    """Recover families from the samples stored in ``index`` and check the model cards."""
+    """Recover families from the samples stored in ``index`` and check the model cards.
+
+    ``permutations``: also recognise permuted copies (module docstring, step 5).
+    """
     records = {r.id: r for r in index.models()}
     by_signature: dict[str, list[int]] = {}
     for r in records.values():
@@ -314,10 +335,18 @@ def index_lineage(
             if not mats[0]:
                 continue
             lin = infer_lineage(mats, related_ratio=related_ratio, sign=sign)
+            raw_family = lin.family
+            if permutations and len(set(lin.family)) > 1:
+                plan = samples[ids[0]][1]
+                mats, moved = align_families(
+                    [records[i] for i in ids], mats, lin.family, plan, related_ratio
+                )
+                if moved:
+                    lin = infer_lineage(mats, related_ratio=related_ratio, sign=sign)
             for fam in sorted(set(lin.family)):
                 local = [k for k in range(len(ids)) if lin.family[k] == fam]
                 if len(local) > 1:
-                    families.append(_family(sig, ids, local, lin))
+                    families.append(_family(sig, ids, local, lin, raw_family))
             for a, i in enumerate(ids):
                 for b, j in enumerate(ids):
                     related[(i, j)] = lin.ratio(a, b)
@@ -327,7 +356,7 @@ def index_lineage(
     return IndexLineage(families, sorted(singletons), records, checks, orientation)
 
 
-def _family(sig: str, ids: list[int], local: list[int], lin: Lineage) -> Family:
+def _family(sig: str, ids: list[int], local: list[int], lin: Lineage, raw: list[int]) -> Family:
     f = Family(sig, [ids[k] for k in local], {})
     for k in local:
         p = lin.parents[k]
@@ -336,7 +365,81 @@ def _family(sig: str, ids: list[int], local: list[int], lin: Lineage) -> Family:
         if p is not None:
             f.distance[ids[k]] = float(lin.distance[p, k])
             f.ratio[ids[k]] = lin.ratio(p, k)
+            f.permuted[ids[k]] = raw[k] != raw[p]
     return f
+
+
+# --- permuted copies (step 5) ---------------------------------------------------------
+
+
+def align_families(
+    records: list[ModelRecord],
+    mats: list[list[torch.Tensor]],
+    family: list[int],
+    plan: list,
+    related_ratio: float = RELATED_RATIO,
+) -> tuple[list[list[torch.Tensor]], bool]:
+    """Samples with every family that is a permuted relative of an earlier one moved into
+    that family's basis (module docstring, step 5).
+
+    Returns:
+        ``(samples, moved)``; ``moved`` is False when nothing was aligned (unsupported
+        architecture, too large, unreadable, or no permuted relatives).
+    """
+    from graft.align import UnsupportedArchitecture, permutation_spec, permute, weight_matching
+    from graft.io import GraftIOError, open_checkpoint
+
+    if (records[0].num_params or 0) > ALIGN_MAX_PARAMS:
+        return mats, False
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def state(k: int) -> dict[str, torch.Tensor]:
+        if k not in states:
+            with open_checkpoint(records[k].path) as ckpt:
+                states[k] = {n: ckpt.get(n).float() for n in ckpt.names}
+        return states[k]
+
+    try:
+        with open_checkpoint(records[0].path) as ckpt:
+            config = ckpt.config
+        spec = permutation_spec(config, state(0))
+    except (UnsupportedArchitecture, GraftIOError, KeyError, TypeError):
+        return mats, False
+    mats = list(mats)
+    comps = [[k for k in range(len(family)) if family[k] == f] for f in sorted(set(family))]
+    # comp -> permutations into the basis of the family it joined (None: its own basis)
+    basis: dict[int, dict | None] = {0: None}
+    moved = False
+    try:
+        for c in range(1, len(comps)):
+            basis[c] = None
+            rep = comps[c][0]
+            for e in range(c):
+                ref = comps[e][0]
+                ref_state = state(ref) if basis[e] is None else permute(state(ref), spec, basis[e])
+                perms, _ = weight_matching(spec, ref_state, state(rep))
+                aligned = sample_state(permute(state(rep), spec, perms), plan)
+                dist, null = pairwise_distances([mats[ref], aligned])
+                if float(null[0, 1]) > 0 and float(dist[0, 1] / null[0, 1]) < related_ratio:
+                    basis[c] = perms
+                    for k in comps[c]:
+                        mats[k] = sample_state(permute(state(k), spec, perms), plan)
+                    moved = True
+                    break
+    except GraftIOError:
+        return mats, moved
+    return mats, moved
+
+
+def sample_state(state: dict[str, torch.Tensor], plan: list) -> list[torch.Tensor]:
+    """The sample `graft.zoo._weights.read_sample` would read, taken from in-memory tensors."""
+    out = []
+    for s in plan:
+        t = state[s.name]
+        view = t.reshape(t.shape[0], -1)
+        rows = torch.tensor(s.rows, dtype=torch.long)
+        out.append(view[rows, s.col_start : s.col_start + s.ncols].float())
+    return out
 
 
 def _check_cards(records, families, related) -> tuple[dict, dict]:
