@@ -12,7 +12,8 @@ per task. Results are aggregated over seeds (mean ± sample standard deviation) 
 Each seed's result is also kept beside its zoo (``<cache>/text-zoo-s<seed>.bench.json``);
 ``--reuse`` takes a seed's kept result instead of rerunning it when it was made on the
 same zoo (same configuration hash); rows of methods added since then are marked with
-the seeds that ran them.
+the seeds that ran them. ``--reuse --rerun M ...`` remakes only those methods' rows in
+each kept result (adding the ones it lacks).
 
 Cost on 2 cores: ~25 min to build each seed's zoo (once; cached), ~25 min of merging and
 evaluation per seed.
@@ -52,6 +53,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="quick zoos (smoke test, not the doc)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "text-zoo.json")
     ap.add_argument("--reuse", action="store_true", help="reuse each seed's kept result")
+    ap.add_argument(
+        "--rerun",
+        nargs="+",
+        default=[],
+        metavar="METHOD",
+        help="with --reuse: remake these methods' rows in each seed's kept result (rows the "
+        "kept result lacks are added), keeping the rest",
+    )
     args = ap.parse_args()
 
     from dataclasses import replace
@@ -85,6 +94,19 @@ def main() -> None:
             }
             kept.write_text(json.dumps(run, indent=2) + "\n")
             _log(f"seed {seed} done in {result.seconds:.0f}s (+{built:.0f}s to load/build the zoo)")
+        elif args.rerun:
+            result = run_bench(text_bench_zoo(root), methods=args.rerun, references=False, log=_log)
+            ft = next(r for r in run["rows"] if r["method"] == "fine-tuned (individual)")
+            fresh = {}
+            for r in result.to_json()["rows"]:
+                acc, ref = r["accuracy"], ft["accuracy"]
+                r["normalized"] = statistics.fmean(acc[t] / ref[t] for t in run["tasks"])
+                fresh[r["method"]] = r
+            rows = [fresh.pop(r["method"], r) for r in run["rows"]]
+            run = {**run, "rows": rows + list(fresh.values())}
+            run["seconds"] = run.get("seconds", 0) + result.seconds
+            kept.write_text(json.dumps(run, indent=2) + "\n")
+            _log(f"seed {seed}: remade {sorted(args.rerun)} in {result.seconds:.0f}s")
         else:
             _log(f"seed {seed}: reusing {kept}")
         runs.append(run)

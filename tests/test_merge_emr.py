@@ -7,6 +7,7 @@ Expected values are worked out in the comments beside them; never by calling gra
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -282,3 +283,26 @@ def test_zoo_bench_judges_emr_per_task_and_runs_wudi_both_ways(zoo, tmp_path, ca
     eval_model(model=tmp_path / "merged" / "emr", task=[task], zoo=zoo.root, as_json=True)
     got = json.loads(capsys.readouterr().out)["results"][f"task:{task}"]["accuracy"]
     assert rows["emr"].accuracy[task] == got
+
+
+def test_zoo_bench_searches_the_ties_familys_own_lambda_and_can_skip_references(zoo):
+    """DARE-TIES gets a λ of its own on validation (not TIES's), and a partial rerun makes
+    only the rows asked for."""
+    from graft._demo import digits_bench_zoo
+    from graft.eval.zoo_bench import run_bench
+
+    result = run_bench(
+        digits_bench_zoo(zoo),
+        methods=["dare_ties"],
+        val_limit=0,
+        batch_size=512,
+        threads=1,
+        grids={"dare_ties": [0.2, 1.0]},
+        references=False,
+        log=lambda m: None,
+    )
+    assert [r.method for r in result.rows] == ["dare_ties"]
+    settings = result.rows[0].settings
+    assert settings.startswith(("lambda=0.2 (val", "lambda=1 (val")), settings
+    assert "from ties" not in settings
+    assert math.isnan(result.normalized(result.rows[0]))  # no fine-tuned row to divide by

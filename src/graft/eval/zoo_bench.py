@@ -16,8 +16,9 @@ split, every reported number is on the **test** split):
   (inner task arithmetic, ``alpha: auto``);
 * Iso-C and Iso-CTS: ``lambda`` in 0.4…2.0 on validation (their papers tune the scale on
   held-out data; Iso-CTS with common-space fraction 0.8);
-* the DARE / breadcrumbs / DELLA variants reuse their family's λ at density 0.5 (DELLA
-  ε 0.1, breadcrumbs γ 0.01), and so do the consensus (TALL mask) variants of task
+* DARE-TIES, breadcrumbs-TIES and DELLA (TIES-style sign election) search their own
+  ``lambda`` in 0.2…2.0 at density 0.5 (DELLA ε 0.1, breadcrumbs γ 0.01); the linear
+  DARE / breadcrumbs / DELLA variants reuse task arithmetic's λ, and so do the consensus (TALL mask) variants of task
   arithmetic and TIES (k 2, λ_tall 0.6); TSV-M runs at the paper's λ = 1 with 1/T of each
   task's components; OPCM (continual, the models in the zoo's task order) at
   α = 0.5; linear (simple average), Model Stock, multi-SLERP, Karcher, SCE,
@@ -59,6 +60,12 @@ SEARCH_GRIDS = {
     "lines": ("beta", [round(0.1 * i, 2) for i in range(0, 11)]),
     "iso_c": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
     "iso_cts": ("lambda", [round(0.2 * i, 2) for i in range(2, 11)]),
+    # The TIES family gets its own λ: DARE's 1/p rescale and breadcrumbs' band change
+    # the scale of what survives, so TIES's λ can be far off (on the text zoo it
+    # collapsed both, 69-77%).
+    "dare_ties": ("lambda", [round(0.2 * i, 2) for i in range(1, 11)]),
+    "breadcrumbs_ties": ("lambda", [round(0.2 * i, 2) for i in range(1, 11)]),
+    "della": ("lambda", [round(0.2 * i, 2) for i in range(1, 11)]),
 }
 SEARCH_PARAMS: dict[str, tuple[dict, dict]] = {  # method -> (per model, shared)
     "task_arithmetic": ({"weight": 1.0}, {"normalize": False}),
@@ -66,16 +73,16 @@ SEARCH_PARAMS: dict[str, tuple[dict, dict]] = {  # method -> (per model, shared)
     "lines": ({"weight": 1.0}, {"alpha": "auto", "method": "task_arithmetic"}),
     "iso_c": ({"weight": 1.0}, {}),
     "iso_cts": ({"weight": 1.0}, {"common_space_fraction": 0.8}),
+    "dare_ties": ({"weight": 1.0, "density": 0.5}, {}),
+    "breadcrumbs_ties": ({"weight": 1.0, "density": 0.5, "gamma": 0.01}, {}),
+    "della": ({"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {}),
 }
 # Consensus (TALL) masks: an option of task arithmetic and TIES, at their searched λ.
 CONSENSUS = {"consensus_k": 2, "tall_mask_lambda": 0.6}
 FAMILY = {
     "dare_linear": ("task_arithmetic", {"density": 0.5}),
-    "dare_ties": ("ties", {"density": 0.5}),
     "breadcrumbs": ("task_arithmetic", {"density": 0.5, "gamma": 0.01}),
-    "breadcrumbs_ties": ("ties", {"density": 0.5, "gamma": 0.01}),
     "della_linear": ("task_arithmetic", {"density": 0.5, "epsilon": 0.1}),
-    "della": ("ties", {"density": 0.5, "epsilon": 0.1}),
 }
 NOT_APPLICABLE = {
     "slerp": "interpolates exactly two models",
@@ -129,7 +136,10 @@ class BenchResult:
         return next(r for r in self.rows if r.method == method)
 
     def normalized(self, row: Row) -> float:
-        """Mean over tasks of merged accuracy / fine-tuned accuracy."""
+        """Mean over tasks of merged accuracy / fine-tuned accuracy (NaN without the
+        fine-tuned reference row)."""
+        if not any(r.method == "fine-tuned (individual)" for r in self.rows):
+            return float("nan")
         ft = self.row("fine-tuned (individual)").accuracy
         return float(np.mean([row.accuracy[t] / ft[t] for t in self.tasks]))
 
@@ -245,6 +255,7 @@ def run_bench(
     threads: int | None = None,
     grids: Mapping[str, Sequence[float]] | None = None,
     save_to: Path | None = None,
+    references: bool = True,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Run every method (or ``methods``) on ``zoo``; see the module docstring.
@@ -259,6 +270,8 @@ def run_bench(
         threads: engine threads.
         grids: searched values per method, replacing `SEARCH_GRIDS`' values.
         save_to: write each row's merged model and recipe under this folder.
+        references: make the reference rows (probe, pretrained, fine-tuned); off when
+            only some methods' rows are remade for a kept result.
         log: progress, one line at a time.
     """
     from graft.eval.search import search_recipe
@@ -269,7 +282,9 @@ def run_bench(
         zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log, save_to=save_to
     )
     wanted = set(methods) if methods is not None else None
-    rows = _references(b)
+    if wanted is not None and "twin-merging" in wanted:
+        wanted.add("task_arithmetic+search")  # its shared expert is TA at the searched λ
+    rows = _references(b) if references else []
     best: dict[str, float] = {}
     for method, (param, grid) in SEARCH_GRIDS.items():
         grid = list((grids or {}).get(method, grid))
@@ -278,6 +293,7 @@ def run_bench(
             and method not in wanted
             and not any(FAMILY[m][0] == method for m in wanted if m in FAMILY)
             and f"{method}+consensus" not in wanted
+            and f"{method}+search" not in wanted
         ):
             continue
         t0 = time.perf_counter()
