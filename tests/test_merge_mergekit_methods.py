@@ -402,6 +402,43 @@ def test_clip_gradient_uses_each_towers_depth(tmp_path):
     assert _block_weights(weights, "vision_model.encoder.layers.") == {0: 0.0, 1: 0.5, 2: 1.0}
 
 
+def test_lines_scales_each_stack_by_its_own_depth(tmp_path):
+    """LiNeS's last block gets α + β in every stack: T5's 2-block encoder as well as its
+    3-block decoder (the deepest stack's depth would give the encoder α + β/2), in a
+    merge and in the in-memory merge the search runs."""
+    transformers = pytest.importorskip("transformers")
+    from graft.eval.search import merge_states
+
+    config = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
+        num_heads=2, decoder_start_token_id=0,
+    )  # fmt: skip
+    base, ft = _save_family(tmp_path, transformers.T5ForConditionalGeneration, config, "t5")
+    recipe = tmp_path / "lines.yaml"
+    doc = {
+        "merge_method": "lines",
+        "base_model": str(base),
+        "models": [{"model": str(ft)}],
+        "parameters": {"alpha": 0.2, "beta": 0.6},
+        "dtype": "float32",
+    }
+    recipe.write_text(yaml.safe_dump(doc))
+    code, _, err = run_cli("merge", recipe, tmp_path / "merged")
+    assert code == 0, err
+    b, f = (load_file(str(p / "model.safetensors")) for p in (base, ft))
+    in_memory = merge_states("lines", b, [f], {"alpha": 0.2, "beta": 0.6})
+    for merged in (load_file(str(tmp_path / "merged" / "model.safetensors")), in_memory):
+        weights = {}
+        for name, tensor in merged.items():
+            delta = f[name] - b[name]
+            if delta.abs().max() > 0:
+                weights[name] = float(((tensor - b[name]) * delta).sum() / (delta * delta).sum())
+        assert _block_weights(weights, "encoder.block.") == {0: 0.2, 1: 0.8}
+        assert _block_weights(weights, "decoder.block.") == {0: 0.2, 1: 0.5, 2: 0.8}
+        outside = [n for n in weights if ".block." not in n]
+        assert outside and all(abs(weights[n] - 0.2) < 1e-5 for n in outside)
+
+
 def test_slices_on_a_model_with_two_stacks_fail_with_the_fix(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(

@@ -29,7 +29,7 @@ import yaml
 
 from graft.merge import get_method
 from graft.plan import tensor_seed
-from graft.plan.arch import count_blocks, split_block_name
+from graft.plan.arch import split_block_name, stack_depths
 
 State = Mapping[str, torch.Tensor]
 
@@ -102,7 +102,7 @@ def merge_states(
         if p.per_model and not isinstance(value, list | tuple):
             value = [value] * len(states)
         kwargs[p.argname] = value
-    num_layers = count_blocks(list(ref))
+    depths = stack_depths(list(ref))  # LiNeS's L: each stack's own depth
     out = {}
     for name, ref_t in ref.items():
         if not ref_t.is_floating_point():
@@ -111,7 +111,8 @@ def merge_states(
         extra: dict[str, Any] = {}
         if spec.uses_layer:
             block = split_block_name(name)
-            extra.update(layer=block.index if block else None, num_layers=num_layers)
+            depth = depths[block.prefix] if block else max(depths.values(), default=1)
+            extra.update(layer=block.index if block else None, num_layers=depth)
         if spec.stats:
             extra["stats"] = [
                 None if st is None or name not in st else st[name].to(spec.compute_dtype)

@@ -39,7 +39,6 @@ from graft.io import (
 from graft.plan.plan import MergePlan, PlanError, TensorJob
 from graft.plan.vocab import align_rows
 
-
 # Stored dtypes a ``native_inputs`` method receives as they are (it widens them itself).
 _NATIVE = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -401,7 +400,7 @@ class _Worker:
             kwargs["generator"] = gen
         if spec.uses_layer:
             kwargs["layer"] = job.layer
-            kwargs["num_layers"] = self.plan.num_layers
+            kwargs["num_layers"] = job.depth or self.plan.num_layers  # its own stack's
         if job.transpose:
             inputs = [t.T for t in inputs]
             base = base.T if base is not None else None

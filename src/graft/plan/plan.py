@@ -101,6 +101,7 @@ class TensorJob:
     vocab: RowMap | None = None  # rows remapped onto the output vocabulary first (base, inputs)
     fp8_block: tuple[int, int] | None = None  # written float8 + block scales (plan.quantized)
     method: MethodSpec | None = None  # a module's own merge_method; None: the recipe's
+    depth: int | None = None  # blocks in this tensor's own stack; None: the plan's num_layers
 
     @property
     def result_dtype(self) -> torch.dtype:
@@ -316,7 +317,8 @@ class _Planner:
             t = self._stack_t(block, depths)
             srcs = [Source(m, name) for m in models]
             base_src = Source(base, name) if base else None
-            self._add_job(name, srcs, base_src, scopes, self.scope, t, layer)
+            depth = depths.get(block.prefix) if block and len(depths) > 1 else None
+            self._add_job(name, srcs, base_src, scopes, self.scope, t, layer, depth)
 
     def _stack_t(self, block: BlockName | None, depths: Mapping[str, int]) -> float:
         """A block's gradient position within its own stack; 0 outside the blocks."""
@@ -516,6 +518,7 @@ class _Planner:
         shared_scopes: list[Mapping],
         t: float,
         layer: int | None,
+        depth: int | None = None,
     ) -> None:
         if not inputs and base is None:
             raise PlanError(f"tensor {out_name}: no input models")
@@ -572,6 +575,7 @@ class _Planner:
                 transpose=transpose,
                 vocab=rmap,
                 method=m if m is not self.recipe.method else None,
+                depth=depth,
             )
         )
 
