@@ -130,6 +130,24 @@ def test_each_module_is_merged_with_its_own_method(tmp_path, vlm):
     transformers.Mistral3ForConditionalGeneration.from_pretrained(out)
 
 
+def test_dry_run_names_each_modules_method_and_writes_nothing(tmp_path, vlm):
+    code, log, out = _merge(tmp_path, vlm, PER_MODULE_METHODS, "--dry-run", "--json")
+    assert code == 0, log
+    plan = json.loads(log[log.index("{") :])
+    assert plan["modules"] == {
+        "text_decoder": "task_arithmetic", "vision_tower": "linear", "multi_modal_projector": "slerp"
+    }  # fmt: skip
+    # a is no input of the projector module: its 4 projector tensors are left out, said why
+    dropped = plan["completeness"]["dropped_tensors"]
+    assert {(d["model"], d["reason"]) for d in dropped} == {
+        (str(vlm["a"]), "module multi_modal_projector does not take this model")
+    }
+    assert sorted(d["tensor"].split(".")[1] for d in dropped) == [
+        "linear_1", "linear_2", "norm", "patch_merger"
+    ]  # fmt: skip
+    assert not out.exists()
+
+
 GRADIENTS = """
 merge_method: linear
 dtype: float32
@@ -294,7 +312,8 @@ def test_bad_modules_fail_with_one_line_and_write_nothing(tmp_path, vlm, edit, n
         ("modules: {{}}", "'modules' must be a mapping"),
         ("modules: {{text_decoder: 3}}", "modules.text_decoder: must be a mapping"),
         ("modules: {{text_decoder: {{}}}}", "exactly one of 'models' or 'slices'"),
-        ("modules: {{1: {{models: [{a}]}}}}", "module names must be short strings"),
+        ("modules: {{1: {{models: [{a}]}}}}", "module names are letters, digits"),
+        ('modules: {{"a\\x1b[31m": {{models: [{a}]}}}}', "module names are letters, digits"),
         ("modules: {{" + ", ".join(f"m{i}: {{{{models: [{{a}}]}}}}" for i in range(65)) + "}}", "at most 64"),
     ],
 )  # fmt: skip

@@ -196,10 +196,13 @@ def plan_summary(plan: MergePlan) -> dict:
             "inputs": [str(s.model) for s in job.inputs],
             "base": str(job.base.model) if job.base else None,
             "layer": job.layer,
+            "method": (job.method or plan.method).name,
             "params": dict(job.params),
         }
+    modules = plan.recipe.modules
     return {
         "method": plan.method.name,
+        "modules": {m.name: m.method.name for m in modules} if modules else None,
         "base_model": str(plan.recipe.base_model) if plan.recipe.base_model else None,
         "models": models,
         "output": {
@@ -229,6 +232,9 @@ def _print_plan(console: Console, s: dict) -> None:
         gb = f"{m['bytes'] / 1e9:.3f}"
         table.add_row(safe(m["model"]), str(m["tensors"]), gb, safe(",".join(m["dtypes"])))
     console.print(table)
+    if s["modules"]:
+        shown = ", ".join(f"{name} ({method})" for name, method in s["modules"].items())
+        console.print(f"modules: {safe(shown)}")
     o = s["output"]
     console.print(
         f"output: {o['tensors']} tensors ({o['merged']} merged, {o['copied']} copied), "

@@ -20,6 +20,7 @@ opened, so a typo fails in milliseconds with the list of valid names.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ MAX_LAYER = 100_000
 MAX_SEED = 2**63 - 1
 MAX_MODULES = 64
 MAX_MODULE_NAME = 200
+# mergekit's module names are identifiers or dotted tensor prefixes; anything else (a
+# newline, a terminal escape) would end up in error messages.
+MODULE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_MODULE_NAME}}}")
 
 
 @dataclass(frozen=True)
@@ -399,8 +403,11 @@ def _parse_modules(raw: Any, method: MethodSpec) -> tuple[ModuleRecipe, ...]:
         raise RecipeError(f"'modules' lists {len(raw)} modules; at most {MAX_MODULES}")
     out = []
     for name, entry in raw.items():
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_MODULE_NAME:
-            raise RecipeError(f"modules: module names must be short strings, got {show(name)}")
+        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name):
+            raise RecipeError(
+                "modules: module names are letters, digits, '_', '.' and '-' (at most "
+                f"{MAX_MODULE_NAME}), e.g. text_decoder; got {show(name)}"
+            )
         where = f"modules.{name}"
         if not isinstance(entry, dict):
             raise RecipeError(f"{where}: must be a mapping with models: or slices:")
