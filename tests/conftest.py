@@ -34,8 +34,13 @@ def _tiny_config(kind: str):
     transformers = pytest.importorskip("transformers")
     if kind == "llama":
         return transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=64,
             tie_word_embeddings=False,
         ), transformers.LlamaForCausalLM
     if kind == "gpt2":
@@ -44,14 +49,23 @@ def _tiny_config(kind: str):
         ), transformers.GPT2LMHeadModel
     if kind == "bert":
         return transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-            vocab_size=128, max_position_embeddings=64,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=128,
+            max_position_embeddings=64,
         ), transformers.BertModel
     raise ValueError(kind)
 
 
 def make_hf_model(
-    kind: str, path: Path, *, seed: int = 0, shard: str | None = None, like: Path | None = None,
+    kind: str,
+    path: Path,
+    *,
+    seed: int = 0,
+    shard: str | None = None,
+    like: Path | None = None,
     noise: float = 0.02,
 ) -> Path:
     """Save a random tiny transformers model; ``like`` = perturb that model (a fine-tune)."""

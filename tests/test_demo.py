@@ -16,8 +16,11 @@ def test_demo_json_has_every_method_and_task(tmp_path):
     expected = {m for m in METHODS if m not in result["not_applicable"]}
     assert expected <= names | {"adamerging"}  # registry methods all ran
     assert {"fisher", "regmean", "adamerging_task", "adamerging_layer"} <= names
-    assert {"pretrained (linear probe)", "pretrained (fine-tuned heads)",
-            "fine-tuned (individual)"} <= names
+    assert {
+        "pretrained (linear probe)",
+        "pretrained (fine-tuned heads)",
+        "fine-tuned (individual)",
+    } <= names
     for row in result["rows"]:
         assert set(row["accuracy"]) == set(tasks), row["method"]
         assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values()), row["method"]
@@ -25,7 +28,10 @@ def test_demo_json_has_every_method_and_task(tmp_path):
     ft = next(r for r in result["rows"] if r["method"] == "fine-tuned (individual)")
     assert abs(ft["normalized"] - 1.0) < 1e-9
     assert [r["method"] for r in result["soup"]["rows"]] == [
-        "best single ingredient (by val)", "uniform soup", "greedy soup"]
+        "best single ingredient (by val)",
+        "uniform soup",
+        "greedy soup",
+    ]
     on_disk = json.loads((tmp_path / "d" / "results.json").read_text())
     assert on_disk["rows"] == result["rows"]
     assert (tmp_path / "d" / "results.md").read_text().count("\n|") >= len(result["rows"])

@@ -52,9 +52,14 @@ def reference_dequant(q: torch.Tensor, scale: torch.Tensor, block) -> np.ndarray
 
 def _llama(path: Path, *, hidden: int, inter: int, seed: int, like: Path | None = None) -> Path:
     config = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-        max_position_embeddings=32, tie_word_embeddings=False,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     if like is not None:
@@ -95,7 +100,9 @@ def _hand_quantized(src: Path, dst: Path, *, block, kind: str = "block", seed: i
     safetensors.torch.save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
         "weight_block_size": list(block) if kind == "block" else None,
     }
     (dst / "config.json").write_text(json.dumps(config))
@@ -139,11 +146,14 @@ def test_one_ragged_block_by_hand():
     # 3x5 weight, 2x2 blocks: scale grid 2x3; the last row and last column are ragged.
     q = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]).to(FP8)
     s = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
-    want = torch.tensor([
-        [1, 2, 6, 8, 20],
-        [6, 7, 16, 18, 40],
-        [88, 96, 208, 224, 480],
-    ], dtype=torch.float32)
+    want = torch.tensor(
+        [
+            [1, 2, 6, 8, 20],
+            [6, 7, 16, 18, 40],
+            [88, 96, 208, 224, 480],
+        ],
+        dtype=torch.float32,
+    )
     assert torch.equal(dequantize_fp8(q, s, (2, 2)), want)
 
 
@@ -176,13 +186,21 @@ def test_scale_of_the_wrong_shape_is_refused(tmp_path):
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     config["quantization_config"]["weight_block_size"] = [128, 128]
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GraftIOError, match=r"has scale .*_scale_inv of shape \(3, 3\).*per 128x128 block, a \(1, 1\) grid.*weight_block_size"):
+    with pytest.raises(
+        GraftIOError,
+        match=r"has scale .*_scale_inv of shape \(3, 3\).*per 128x128 block, a \(1, 1\) grid.*weight_block_size",
+    ):
         open_checkpoint(tmp_path / "fp8")
 
 
-@pytest.mark.parametrize("method,what", [
-    ("bitsandbytes", "bitsandbytes 4/8-bit"), ("awq", "AWQ"), ("gptq", "GPTQ"),
-])
+@pytest.mark.parametrize(
+    "method,what",
+    [
+        ("bitsandbytes", "bitsandbytes 4/8-bit"),
+        ("awq", "AWQ"),
+        ("gptq", "GPTQ"),
+    ],
+)
 def test_other_quantized_folders_get_one_line(tmp_path, method, what):
     base = _llama(tmp_path / "m", hidden=32, inter=64, seed=0)
     config = json.loads((base / "config.json").read_text())
@@ -197,7 +215,9 @@ def test_other_quantized_folders_get_one_line(tmp_path, method, what):
 # --- requantization ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,block", [((300, 200), (128, 128)), ((7, 5), (2, 3)), ((2, 64, 48), (32, 32))])
+@pytest.mark.parametrize(
+    "shape,block", [((300, 200), (128, 128)), ((7, 5), (2, 3)), ((2, 64, 48), (32, 32))]
+)
 def test_quantize_round_trip_is_within_e4m3_rounding(shape, block):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
@@ -227,11 +247,16 @@ def _recipe(tmp_path: Path, doc: dict) -> Path:
 
 def test_linear_merge_of_fp8_with_bf16_model(ragged, tmp_path):
     root, pairs, other = ragged
-    recipe = _recipe(tmp_path, {
-        "merge_method": "linear",
-        "models": [{"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
-                   {"model": str(other), "parameters": {"weight": 0.5}}],
-    })
+    recipe = _recipe(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
+                {"model": str(other), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     merged = load_state_dict(tmp_path / "out")
@@ -250,16 +275,25 @@ def test_linear_merge_of_fp8_with_bf16_model(ragged, tmp_path):
 
 def test_fp8_output_requantizes_with_fresh_block_scales(ragged, tmp_path):
     root, pairs, other = ragged
-    recipe = _recipe(tmp_path, {
-        "merge_method": "linear", "out_dtype": "float8_e4m3fn",
-        "models": [{"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
-                   {"model": str(other), "parameters": {"weight": 0.5}}],
-    })
+    recipe = _recipe(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "out_dtype": "float8_e4m3fn",
+            "models": [
+                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
+                {"model": str(other), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "fp8-out", "-q")
     assert code == 0, err
-    code, _, err = run_cli("merge", _recipe(tmp_path, {**yaml.safe_load(recipe.read_text()),
-                                                       "out_dtype": "bfloat16"}),
-                           tmp_path / "bf16-out", "-q")
+    code, _, err = run_cli(
+        "merge",
+        _recipe(tmp_path, {**yaml.safe_load(recipe.read_text()), "out_dtype": "bfloat16"}),
+        tmp_path / "bf16-out",
+        "-q",
+    )
     assert code == 0, err
     raw = safetensors.torch.load_file(tmp_path / "fp8-out" / "model.safetensors")
     exact = load_state_dict(tmp_path / "bf16-out")
@@ -269,7 +303,9 @@ def test_fp8_output_requantizes_with_fresh_block_scales(ragged, tmp_path):
         assert s.shape == fp8_scale_shape(q.shape, (128, 128))
         back = torch.from_numpy(reference_dequant(q, s, (128, 128)))
         w = exact[name].float()
-        per_elem = s.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+        per_elem = s.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[
+            :, : q.shape[1]
+        ]
         # e4m3 rounding of the float32 merge, plus the bf16 rounding of the reference.
         bound = w.abs() * (2**-4 + 2**-8) + per_elem * 2**-10
         assert ((back - w).abs() <= bound).all(), name
@@ -294,11 +330,17 @@ def test_fp8_output_of_bf16_models_loads_in_transformers(tmp_path):
     pytest.importorskip("accelerate")
     a = _llama(tmp_path / "a", hidden=256, inter=384, seed=0)
     b = _llama(tmp_path / "b", hidden=256, inter=384, seed=1, like=a)
-    recipe = _recipe(tmp_path, {
-        "merge_method": "linear", "out_dtype": "float8_e4m3fn",
-        "models": [{"model": str(a), "parameters": {"weight": 0.5}},
-                   {"model": str(b), "parameters": {"weight": 0.5}}],
-    })
+    recipe = _recipe(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "out_dtype": "float8_e4m3fn",
+            "models": [
+                {"model": str(a), "parameters": {"weight": 0.5}},
+                {"model": str(b), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     raw = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
@@ -309,9 +351,12 @@ def test_fp8_output_of_bf16_models_loads_in_transformers(tmp_path):
     with open_checkpoint(tmp_path / "out") as ckpt:
         for name in ckpt.names:
             assert torch.equal(loaded[name], ckpt.get(name).to(loaded[name].dtype)), name
-    code, _, err = run_cli("merge", _recipe(tmp_path, {**yaml.safe_load(recipe.read_text()),
-                                                       "out_dtype": "bfloat16"}),
-                           tmp_path / "bf16-out", "-q")
+    code, _, err = run_cli(
+        "merge",
+        _recipe(tmp_path, {**yaml.safe_load(recipe.read_text()), "out_dtype": "bfloat16"}),
+        tmp_path / "bf16-out",
+        "-q",
+    )
     assert code == 0, err
     exact = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16-out")
     ids = torch.arange(16)[None] % 96
@@ -329,19 +374,29 @@ def test_fp8_output_split_by_shards_gives_the_same_bytes(ragged, tmp_path):
     from graft.recipe import load_recipe
 
     root, _, other = ragged
-    recipe = _recipe(tmp_path, {
-        "merge_method": "linear", "out_dtype": "float8_e4m3fn",
-        "models": [{"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
-                   {"model": str(other), "parameters": {"weight": 0.5}}],
-    })
+    recipe = _recipe(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "out_dtype": "float8_e4m3fn",
+            "models": [
+                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
+                {"model": str(other), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
     plan = plan_merge(load_recipe(recipe))
     try:
         run_plan(plan, tmp_path / "whole", max_shard_bytes=30_000, threads=2)
         shards = sorted((tmp_path / "whole").glob("model-*.safetensors"))
         assert len(shards) > 3
         index = json.loads((tmp_path / "whole" / "model.safetensors.index.json").read_text())
-        split = [n for n in index["weight_map"] if n.endswith("_scale_inv")
-                 and index["weight_map"][n] != index["weight_map"][n[: -len("_scale_inv")]]]
+        split = [
+            n
+            for n in index["weight_map"]
+            if n.endswith("_scale_inv")
+            and index["weight_map"][n] != index["weight_map"][n[: -len("_scale_inv")]]
+        ]
         assert split  # the case this test is about
         for i, shard in enumerate(shards):
             part = tmp_path / f"part{i}"

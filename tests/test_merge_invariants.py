@@ -103,6 +103,8 @@ def stats_for(spec: MethodSpec, n: int) -> list[torch.Tensor]:
         xs = [torch.randn(8, SHAPE[1], generator=g) for _ in range(n)]
         return [x.T @ x for x in xs]
     return [torch.rand(SHAPE, generator=g) + 0.1 for _ in range(n)]
+
+
 SHAPE = (6, 5)
 
 
@@ -266,7 +268,9 @@ def test_zero_deltas_stay_finite(name):
 
 
 def _permuted_kwargs(spec: MethodSpec, kwargs: dict, order: tuple[int, ...]) -> dict:
-    per_model = {p.argname for p in spec.params if p.per_model} | ({"stats"} if spec.stats else set())
+    per_model = {p.argname for p in spec.params if p.per_model} | (
+        {"stats"} if spec.stats else set()
+    )
     return {
         k: [v[i] for i in order] if k in per_model and isinstance(v, list) else v
         for k, v in kwargs.items()

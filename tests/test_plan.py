@@ -17,8 +17,11 @@ def _models(tmp_path, n=3, layers=3):
         sd = {f"model.layers.{k}.w": torch.full((2, 2), float(i + k)) for k in range(layers)}
         sd["model.embed_tokens.weight"] = torch.full((5, 2), float(i))
         sd["lm_head.weight"] = torch.full((5, 2), float(i))
-        save_state_dict(sd, tmp_path / f"m{i}", config={"num_hidden_layers": layers,
-                                                        "layer_types": [f"t{k}" for k in range(layers)]})
+        save_state_dict(
+            sd,
+            tmp_path / f"m{i}",
+            config={"num_hidden_layers": layers, "layer_types": [f"t{k}" for k in range(layers)]},
+        )
         paths.append(tmp_path / f"m{i}")
     return paths
 
@@ -29,10 +32,14 @@ def _plan(doc):
 
 def test_parameter_precedence_model_over_global(tmp_path):
     base, a, b = _models(tmp_path)
-    plan = _plan({"merge_method": "task_arithmetic", "base_model": str(base),
-                  "parameters": {"weight": 0.2, "lambda": 0.9},
-                  "models": [{"model": str(a), "parameters": {"weight": 0.5}},
-                             {"model": str(b)}]})
+    plan = _plan(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "parameters": {"weight": 0.2, "lambda": 0.9},
+            "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b)}],
+        }
+    )
     job = next(j for j in plan.jobs if j.name == "model.layers.1.w")
     weights = next(v for k, v in job.params.items() if isinstance(v, list))
     assert weights == [0.5, 0.2]
@@ -42,11 +49,20 @@ def test_parameter_precedence_model_over_global(tmp_path):
 
 def test_slice_parameters_between_source_and_global(tmp_path):
     base, a, _ = _models(tmp_path)
-    doc = {"merge_method": "slerp", "base_model": str(base),
-           "parameters": {"t": 0.9},
-           "slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]},
-                                   {"model": str(a), "layer_range": [0, 3]}],
-                       "parameters": {"t": [0.0, 1.0]}}]}
+    doc = {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "parameters": {"t": 0.9},
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(base), "layer_range": [0, 3]},
+                    {"model": str(a), "layer_range": [0, 3]},
+                ],
+                "parameters": {"t": [0.0, 1.0]},
+            }
+        ],
+    }
     plan = _plan(doc)
     ts = {j.name: j.params["t"] for j in plan.jobs if j.layer is not None}
     assert ts == {"model.layers.0.w": 0.0, "model.layers.1.w": 0.5, "model.layers.2.w": 1.0}
@@ -57,12 +73,22 @@ def test_slice_parameters_between_source_and_global(tmp_path):
 
 def test_depth_upscaling_plan_and_config(tmp_path):
     base, *_ = _models(tmp_path)
-    plan = _plan({"merge_method": "passthrough",
-                  "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
-                             {"sources": [{"model": str(base), "layer_range": [1, 3]}]}]})
+    plan = _plan(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(base), "layer_range": [1, 3]}]},
+            ],
+        }
+    )
     blocks = {j.name: j.inputs[0].name for j in plan.jobs if j.layer is not None}
-    assert blocks == {"model.layers.0.w": "model.layers.0.w", "model.layers.1.w": "model.layers.1.w",
-                      "model.layers.2.w": "model.layers.1.w", "model.layers.3.w": "model.layers.2.w"}
+    assert blocks == {
+        "model.layers.0.w": "model.layers.0.w",
+        "model.layers.1.w": "model.layers.1.w",
+        "model.layers.2.w": "model.layers.1.w",
+        "model.layers.3.w": "model.layers.2.w",
+    }
     assert plan.num_layers == 4
     assert plan.config["num_hidden_layers"] == 4
     assert plan.config["layer_types"] == ["t0", "t1", "t1", "t2"]
@@ -90,9 +116,14 @@ def test_arch_table():
 
 def test_threads_give_identical_bytes(tmp_path):
     base, a, b = _models(tmp_path)
-    doc = {"merge_method": "dare_ties", "base_model": str(base),
-           "models": [{"model": str(a), "parameters": {"weight": 1.0, "density": 0.5}},
-                      {"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    doc = {
+        "merge_method": "dare_ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}},
+        ],
+    }
     outs = []
     for threads in (1, 3):
         plan = _plan(doc)
@@ -110,8 +141,12 @@ def test_in_flight_jobs_never_exceed_threads(tmp_path, monkeypatch):
     from graft.plan import engine
 
     base, a, b = _models(tmp_path, layers=12)
-    plan = _plan({"merge_method": "linear",
-                  "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (a, b)]})
+    plan = _plan(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (a, b)],
+        }
+    )
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
     real = engine._Worker.__call__
@@ -141,8 +176,9 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     base, a, _ = _models(tmp_path)
-    plan = _plan({"merge_method": "linear",
-                  "models": [{"model": str(a), "parameters": {"weight": 1.0}}]})
+    plan = _plan(
+        {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1.0}}]}
+    )
     with pytest.raises(PlanError, match="--device cpu"):
         run_plan(plan, tmp_path / "out", device="cuda")
     plan.close()

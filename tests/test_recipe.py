@@ -18,13 +18,16 @@ def test_scalar_and_numeric_string():
     assert ev(True, kind=bool) is True
 
 
-@pytest.mark.parametrize("t,expected", [
-    (0.0, 0.0),            # first anchor
-    (1.0, 1.0),            # last anchor
-    (0.5, 0.5),            # between anchors 0.5 and ... : scaled = 0.5*2 = 1 -> values[1]
-    (0.25, 0.25),          # scaled 0.5 -> halfway between 0 and 0.5
-    (0.75, 0.75),          # scaled 1.5 -> halfway between 0.5 and 1
-])
+@pytest.mark.parametrize(
+    "t,expected",
+    [
+        (0.0, 0.0),  # first anchor
+        (1.0, 1.0),  # last anchor
+        (0.5, 0.5),  # between anchors 0.5 and ... : scaled = 0.5*2 = 1 -> values[1]
+        (0.25, 0.25),  # scaled 0.5 -> halfway between 0 and 0.5
+        (0.75, 0.75),  # scaled 1.5 -> halfway between 0.5 and 1
+    ],
+)
 def test_gradient_interpolates_linearly(t, expected):
     assert ev([0.0, 0.5, 1.0], t=t) == pytest.approx(expected)
 
@@ -62,21 +65,26 @@ dtype: bf16
     assert r.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("merge_method: ties\nbase_model: b\n", "exactly one of 'models', 'slices' or 'modules'"),
-    ("merge_method: nope\nmodels: [{model: a}]\n", "linear"),
-    ("merge_method: linear\nmodels: [{model: a, parameters: {wieght: 1}}]\n", "weight"),
-    ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n", "bogus"),
-    ("merge_method: linear\nmodels: [{model: a}]\ndtype: int3\n", "int3"),
-    ("merge_method: ties\nmodels: [{model: a}]\n", "base_model"),
-    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: [union]\n", "union"),
-    ("merge_method: linear\nmodels: [{model: a@x@y}]\n", "more than one '@'"),
-    ("merge_method: linear\nmodels: [{model: a+b+c}]\n", "more than one '+'"),
-    ("merge_method: linear\nmodels: [{model: a}]\nchat_template: chatlm\n", "chatml"),
-    ("- just a list\n", "mapping"),
-    ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n",
-     "layer_range"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("merge_method: ties\nbase_model: b\n", "exactly one of 'models', 'slices' or 'modules'"),
+        ("merge_method: nope\nmodels: [{model: a}]\n", "linear"),
+        ("merge_method: linear\nmodels: [{model: a, parameters: {wieght: 1}}]\n", "weight"),
+        ("merge_method: linear\nmodels: [{model: a}]\nbogus: 1\n", "bogus"),
+        ("merge_method: linear\nmodels: [{model: a}]\ndtype: int3\n", "int3"),
+        ("merge_method: ties\nmodels: [{model: a}]\n", "base_model"),
+        ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: [union]\n", "union"),
+        ("merge_method: linear\nmodels: [{model: a@x@y}]\n", "more than one '@'"),
+        ("merge_method: linear\nmodels: [{model: a+b+c}]\n", "more than one '+'"),
+        ("merge_method: linear\nmodels: [{model: a}]\nchat_template: chatlm\n", "chatml"),
+        ("- just a list\n", "mapping"),
+        (
+            "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n",
+            "layer_range",
+        ),
+    ],
+)
 def test_recipe_errors_name_the_fix(text, needle):
     with pytest.raises(RecipeError) as exc:
         parse_recipe(text)
@@ -85,6 +93,8 @@ def test_recipe_errors_name_the_fix(text, needle):
 
 
 def test_model_plus_adapter_is_parsed():
-    r = parse_recipe("merge_method: linear\nmodels: [{model: base+lora, parameters: {weight: 1}}]\n")
+    r = parse_recipe(
+        "merge_method: linear\nmodels: [{model: base+lora, parameters: {weight: 1}}]\n"
+    )
     ref = r.models[0].model
     assert ref.path == "base" and ref.adapter == "lora"

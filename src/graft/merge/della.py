@@ -170,7 +170,10 @@ def _della(
         and _fused.usable(tensors, base)
     ):
         start_state = generator.get_state()
-        sparse = [_magprune(t, base, p, eps, generator) for t, (p, eps) in zip(tensors, pairs, strict=True)]
+        sparse = [
+            _magprune(t, base, p, eps, generator)
+            for t, (p, eps) in zip(tensors, pairs, strict=True)
+        ]
         if all(s is not None for s in sparse):
             out = _fused.merge(
                 tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
