@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from conftest import run_cli
+from test_moe import _build, _tensors, _unit
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -76,21 +76,6 @@ def _recipe(tmp_path, q3, experts=("e1", "e2", "e3"), **extra):
     p = tmp_path / "moe.yaml"
     p.write_text(yaml.safe_dump(doc, sort_keys=False))
     return p
-
-
-def _build(tmp_path, recipe, *args):
-    out = tmp_path / "out"
-    code, _, err = run_cli("moe", recipe, out, "-q", *args)
-    assert code == 0, err
-    return out
-
-
-def _tensors(folder):
-    return load_file(str(folder / "model.safetensors"))
-
-
-def _unit(x):
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def _ids(prompt):
