@@ -142,6 +142,27 @@ def usable(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> bool:
     )
 
 
+def random_mask_usable(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    elect: bool,
+    rescale: bool,
+    rescale_mode: str,
+) -> bool:
+    """Whether a random-mask method (DARE-TIES, DELLA) can take the fused path: a CPU
+    generator (the masks are drawn as the torch path draws them), sign election, no L1
+    rescale, and inputs `usable` accepts."""
+    return (
+        generator is not None
+        and generator.device.type == "cpu"
+        and elect
+        and not (rescale and rescale_mode == "l1")
+        and usable(tensors, base)
+    )
+
+
 def _ptrs(ts: Sequence[torch.Tensor | None]):
     return (ctypes.c_void_p * len(ts))(*[0 if t is None else t.data_ptr() for t in ts])
 

@@ -123,12 +123,8 @@ def _dare(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     densities = per_model(density, len(tensors), 1.0)
-    fusable = generator is not None and generator.device.type == "cpu"
-    if (
-        fusable
-        and elect
-        and not (rescale and rescale_mode == "l1")
-        and _fused.usable(tensors, base)
+    if _fused.random_mask_usable(
+        tensors, base, generator, elect=elect, rescale=rescale, rescale_mode=rescale_mode
     ):
         # The masks are drawn exactly as dare_sparsify draws them (same order, same draws).
         start_state = generator.get_state()

@@ -162,12 +162,8 @@ def _della(
 ) -> torch.Tensor:
     n = len(tensors)
     pairs = list(zip(per_model(density, n, 1.0), per_model(epsilon, n, 0.15), strict=True))
-    fusable = generator is not None and generator.device.type == "cpu"
-    if (
-        fusable
-        and elect
-        and not (rescale and rescale_mode == "l1")
-        and _fused.usable(tensors, base)
+    if _fused.random_mask_usable(
+        tensors, base, generator, elect=elect, rescale=rescale, rescale_mode=rescale_mode
     ):
         start_state = generator.get_state()
         sparse = [
