@@ -13,7 +13,9 @@ Each seed's result is also kept beside its zoo (``<cache>/text-zoo-s<seed>.bench
 ``--reuse`` takes a seed's kept result instead of rerunning it when it was made on the
 same zoo (same configuration hash); rows of methods added since then are marked with
 the seeds that ran them. ``--reuse --rerun M ...`` remakes only those methods' rows in
-each kept result (adding the ones it lacks).
+each kept result (adding the ones it lacks). Rows are kept as they are made (the file is
+marked ``partial`` until the seed is done), so an interrupted seed resumes where it
+stopped on the next run.
 
 Cost on 2 cores: ~25 min to build each seed's zoo (once; cached), ~25 min of merging and
 evaluation per seed.
@@ -27,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,31 +84,58 @@ def main() -> None:
         built = time.perf_counter() - t0
         kept = root.parent / f"{root.name}.bench.json"
         zoo_hash = json.loads((root / "manifest.json").read_text())["config_hash"]
-        run = _kept_run(kept, zoo_hash) if args.reuse else None
-        if run is None:
-            options = {"ada_steps": 5, "stats_samples": 16, "val_limit": 16} if args.quick else {}
-            result = run_bench(text_bench_zoo(root), log=_log, **options)
-            run = {
+        run = _kept_run(kept, zoo_hash)
+        if run is not None and not run.get("partial") and not args.reuse:
+            run = None  # a finished result is taken only with --reuse; a partial one always
+        if run is None or run.get("partial"):
+            # Every finished row is kept at once (marked partial), so an interrupted seed
+            # resumes where it stopped: only the rows it lacks are made.
+            done = run["rows"] if run is not None else []
+            partial = {
                 "seed": seed,
                 "zoo_hash": zoo_hash,
                 "zoo_report": zoo.report,
                 "zoo_seconds": built,
-                **result.to_json(),
+                "partial": True,
+                "seconds": run.get("seconds", 0.0) if run is not None else 0.0,
+                "rows": done,
             }
-            kept.write_text(json.dumps(run, indent=2) + "\n")
+            t_resume, before = time.perf_counter(), partial["seconds"]
+
+            def keep(row, partial=partial, kept=kept, t_resume=t_resume, before=before):
+                partial["rows"].append({**asdict(row), "average": row.mean(), "normalized": None})
+                partial["seconds"] = before + time.perf_counter() - t_resume
+                _write_atomic(kept, partial)
+
+            options = {"ada_steps": 5, "stats_samples": 16, "val_limit": 16} if args.quick else {}
+            names = {r["method"] for r in done}
+            if names:
+                _log(f"seed {seed}: resuming, {len(names)} rows kept")
+            result = run_bench(
+                text_bench_zoo(root),
+                skip=names,
+                references="fine-tuned (individual)" not in names,
+                on_row=keep,
+                log=_log,
+                **options,
+            )
+            run = {
+                **{k: v for k, v in partial.items() if k != "partial"},
+                **{k: v for k, v in result.to_json().items() if k != "rows"},
+                "rows": partial["rows"],
+                "seconds": before + result.seconds,
+            }
+            _normalize(run)
+            _write_atomic(kept, run)
             _log(f"seed {seed} done in {result.seconds:.0f}s (+{built:.0f}s to load/build the zoo)")
         elif args.rerun:
             result = run_bench(text_bench_zoo(root), methods=args.rerun, references=False, log=_log)
-            ft = next(r for r in run["rows"] if r["method"] == "fine-tuned (individual)")
-            fresh = {}
-            for r in result.to_json()["rows"]:
-                acc, ref = r["accuracy"], ft["accuracy"]
-                r["normalized"] = statistics.fmean(acc[t] / ref[t] for t in run["tasks"])
-                fresh[r["method"]] = r
+            fresh = {r["method"]: r for r in result.to_json()["rows"]}
             rows = [fresh.pop(r["method"], r) for r in run["rows"]]
             run = {**run, "rows": rows + list(fresh.values())}
             run["seconds"] = run.get("seconds", 0) + result.seconds
-            kept.write_text(json.dumps(run, indent=2) + "\n")
+            _normalize(run)
+            _write_atomic(kept, run)
             _log(f"seed {seed}: remade {sorted(args.rerun)} in {result.seconds:.0f}s")
         else:
             _log(f"seed {seed}: reusing {kept}")
@@ -134,6 +164,19 @@ def _kept_run(path: Path, zoo_hash: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return run if run.get("zoo_hash") == zoo_hash else None
+
+
+def _normalize(run: dict) -> None:
+    """Each row's normalized accuracy: mean over tasks of its accuracy / the fine-tune's."""
+    ft = next(r for r in run["rows"] if r["method"] == "fine-tuned (individual)")["accuracy"]
+    for r in run["rows"]:
+        r["normalized"] = statistics.fmean(r["accuracy"][t] / ft[t] for t in run["tasks"])
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def summarize(runs: list[dict]) -> dict:

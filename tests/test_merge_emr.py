@@ -306,3 +306,30 @@ def test_zoo_bench_searches_the_ties_familys_own_lambda_and_can_skip_references(
     assert settings.startswith(("lambda=0.2 (val", "lambda=1 (val")), settings
     assert "from ties" not in settings
     assert math.isnan(result.normalized(result.rows[0]))  # no fine-tuned row to divide by
+
+
+def test_zoo_bench_skips_finished_rows_but_redoes_the_search_they_share(zoo):
+    """An interrupted run resumes with its finished rows skipped: a skipped searched row
+    is not remade, yet its search still runs for the rows that take its λ, and every row
+    reaches on_row as soon as it is made."""
+    from graft._demo import digits_bench_zoo
+    from graft.eval.zoo_bench import run_bench
+
+    seen = []
+    result = run_bench(
+        digits_bench_zoo(zoo),
+        methods=["task_arithmetic", "dare_linear", "linear"],
+        skip={"task_arithmetic", "linear"},
+        val_limit=0,
+        batch_size=512,
+        threads=1,
+        grids={"task_arithmetic": [0.2, 1.0]},
+        references=False,
+        on_row=seen.append,
+        log=lambda m: None,
+    )
+    assert [r.method for r in result.rows] == ["dare_linear"]
+    assert seen == result.rows
+    assert result.rows[0].settings.endswith(
+        ("λ=0.2 (from task_arithmetic)", "λ=1 (from task_arithmetic)")
+    )

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,8 @@ def run_bench(
     grids: Mapping[str, Sequence[float]] | None = None,
     save_to: Path | None = None,
     references: bool = True,
+    skip: Collection[str] = (),
+    on_row: Callable[[Row], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Run every method (or ``methods``) on ``zoo``; see the module docstring.
@@ -272,6 +274,9 @@ def run_bench(
         save_to: write each row's merged model and recipe under this folder.
         references: make the reference rows (probe, pretrained, fine-tuned); off when
             only some methods' rows are remade for a kept result.
+        skip: rows not to make (an interrupted run's finished rows); the searches they
+            share with rows still to make are redone.
+        on_row: called with each row as soon as it is made (to keep partial results).
         log: progress, one line at a time.
     """
     from graft.eval.search import search_recipe
@@ -282,19 +287,30 @@ def run_bench(
         zoo, val_limit=val_limit, threads=threads, batch_size=batch_size, log=log, save_to=save_to
     )
     wanted = set(methods) if methods is not None else None
-    if wanted is not None and "twin-merging" in wanted:
-        wanted.add("task_arithmetic+search")  # its shared expert is TA at the searched λ
-    rows = _references(b) if references else []
+    skipped = set(skip)
+
+    def make(name: str) -> bool:
+        return (wanted is None or name in wanted) and name not in skipped
+
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    if references:
+        for row in _references(b):
+            if row.method not in skipped:
+                add(row)
     best: dict[str, float] = {}
     for method, (param, grid) in SEARCH_GRIDS.items():
         grid = list((grids or {}).get(method, grid))
-        if (
-            wanted is not None
-            and method not in wanted
-            and not any(FAMILY[m][0] == method for m in wanted if m in FAMILY)
-            and f"{method}+consensus" not in wanted
-            and f"{method}+search" not in wanted
-        ):
+        dependents = [m for m, (parent, _) in FAMILY.items() if parent == method]
+        dependents.append(f"{method}+consensus")
+        if method == "task_arithmetic":
+            dependents.append("twin-merging")  # its shared expert is TA at the searched λ
+        if not make(method) and not any(map(make, dependents)):
             continue
         t0 = time.perf_counter()
         per_model, shared = SEARCH_PARAMS[method]
@@ -306,9 +322,9 @@ def run_bench(
         )
         best[method] = found.best["params"][param]
         log(f"{method}: {param}={best[method]} on validation ({found.best['score']:.1%})")
-        if wanted is None or method in wanted:
+        if make(method):
             text = b.recipe(method, per_model, {**shared, param: best[method]})
-            rows.append(
+            add(
                 b.test_row(
                     method,
                     "data-free",
@@ -320,7 +336,7 @@ def run_bench(
             )
     for parent in ("task_arithmetic", "ties"):
         name = f"{parent}+consensus"
-        if parent not in best or (wanted is not None and name not in wanted):
+        if parent not in best or not make(name):
             continue
         t0 = time.perf_counter()
         per_model, shared = SEARCH_PARAMS[parent]
@@ -329,17 +345,17 @@ def run_bench(
             f"TALL consensus k={CONSENSUS['consensus_k']}, "
             f"λ_tall={CONSENSUS['tall_mask_lambda']}, λ={best[parent]:g} (from {parent})"
         )
-        rows.append(b.test_row(name, "data-free", text, settings, t0))
+        add(b.test_row(name, "data-free", text, settings, t0))
     for method in METHODS:
         if method in SEARCH_GRIDS or method in NOT_APPLICABLE or METHODS[method].stats:
             continue
         if method in PER_TASK_MODELS:
             continue
-        if wanted is not None and method not in wanted:
+        if not make(method):
             continue
         t0 = time.perf_counter()
         per_model, shared, settings = _fixed(method, best)
-        rows.append(
+        add(
             b.test_row(
                 method,
                 "data-free",
@@ -348,15 +364,15 @@ def run_bench(
                 t0,
             )
         )
-    if wanted is None or "wudi+closed_form" in wanted:
+    if make("wudi+closed_form"):
         t0 = time.perf_counter()
         text = b.recipe("wudi", {}, {"solver": "closed_form"})
-        rows.append(b.test_row("wudi+closed_form", "data-free", text, WUDI_EXACT, t0))
-    if wanted is None or "emr" in wanted:
-        rows.append(_emr_row(b))
-    rows += _data_aware(b, wanted, stats_samples, ada_steps, ada_lr)
-    if wanted is None or "twin-merging" in wanted:
-        rows.append(_twin_row(b, best.get("task_arithmetic")))
+        add(b.test_row("wudi+closed_form", "data-free", text, WUDI_EXACT, t0))
+    if make("emr"):
+        add(_emr_row(b))
+    _data_aware(b, make, add, stats_samples, ada_steps, ada_lr)
+    if make("twin-merging"):
+        add(_twin_row(b, best.get("task_arithmetic")))
     b.merge.close()
     return BenchResult(zoo.name, b.tasks, rows, dict(NOT_APPLICABLE), time.perf_counter() - start)
 
@@ -479,16 +495,22 @@ def _emr_row(b: _Bench) -> Row:
     return row
 
 
-def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: float) -> list[Row]:
+def _data_aware(
+    b: _Bench,
+    make: Callable[[str], bool],
+    add: Callable[[Row], None],
+    stats_samples: int,
+    ada_steps: int,
+    ada_lr: float,
+) -> None:
     import tempfile
 
     from graft.eval.adamerging import learn, recipe_yaml
     from graft.eval.stats import write_stats
 
-    rows = []
     folder = b.zoo.train_dir or Path(tempfile.mkdtemp(prefix="graft-bench-stats-"))
     for method, kind in (("fisher", "fisher"), ("regmean", "gram")):
-        if wanted is not None and method not in wanted:
+        if not make(method):
             continue
         t0 = time.perf_counter()
         files = {}
@@ -505,7 +527,7 @@ def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: f
         settings = f"{stats_samples} train examples per task" + (
             ", Fisher normalised per model" if method == "fisher" else ", α=0.9"
         )
-        rows.append(
+        add(
             b.test_row(
                 method,
                 "data-aware",
@@ -514,16 +536,17 @@ def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: f
                 t0,
             )
         )
+    modes = [mode for mode in ("task", "layer") if make(f"adamerging_{mode}")]
+    if not modes:
+        return
     base = load_state_dict(b.zoo.base)
     finetuned = [load_state_dict(b.zoo.finetuned[t]) for t in b.tasks]
-    for mode in ("task", "layer"):
-        if wanted is not None and f"adamerging_{mode}" not in wanted:
-            continue
+    for mode in modes:
         t0 = time.perf_counter()
         inputs = [Task(t.name, t.runner, _unlabeled(t.data)) for t in b.test]
         found = learn(inputs, base, finetuned, mode=mode, steps=ada_steps, lr=ada_lr)
         text = recipe_yaml(found, str(b.zoo.base), {t: str(b.zoo.finetuned[t]) for t in b.tasks})
-        rows.append(
+        add(
             b.test_row(
                 f"adamerging_{mode}",
                 "data-aware",
@@ -533,7 +556,6 @@ def _data_aware(b: _Bench, wanted, stats_samples: int, ada_steps: int, ada_lr: f
                 t0,
             )
         )
-    return rows
 
 
 TWIN_KEEP = 0.1  # the paper's: 10% of each exclusive matrix's spectrum
