@@ -334,3 +334,28 @@ def test_inputs_not_modified(name):
     run(spec, models, base, kwargs_for(spec, n))
     assert all(torch.equal(m, c) for m, c in zip(models, copies, strict=True))
     assert base is None or torch.equal(base, base_copy)
+
+
+def _cuda_copy(kwargs: dict) -> dict:
+    return {k: ([s.cuda() for s in v] if k == "stats" else v) for k, v in kwargs.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_cpu(name):
+    """Every method gives on the GPU what it gives on the CPU (the seeded ones too: their
+    generator is a CPU one whatever the device, so the masks are the same)."""
+    spec = METHODS[name]
+    n = n_models(spec)
+    models, base = random_inputs(spec, n)
+    kwargs = kwargs_for(spec, n)
+    expected = run(spec, models, base, kwargs, seed=5)
+    got = run(
+        spec,
+        [m.cuda() for m in models],
+        None if base is None else base.cuda(),
+        _cuda_copy(kwargs),
+        seed=5,
+    )
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)

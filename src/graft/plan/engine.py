@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -354,9 +354,12 @@ class _Worker:
         self.warnings: list[str] = []
         self._lock = threading.Lock()
         self.owned: set[str] | None = None  # the output tensors this worker's shards hold
+        self._cuda = device.type == "cuda"
+        self._local = threading.local()  # each worker thread's CUDA stream
 
     def __call__(self, job: TensorJob) -> int:
-        out = self._copy(job) if job.copy else self._compute(job)
+        with self._stream():
+            out = self._copy(job) if job.copy else self._compute(job)
         out = out.contiguous()
         if job.fp8_block is None:
             self.writer.write(job.name, out)
@@ -368,6 +371,33 @@ class _Worker:
                 self.writer.write(name, t)
                 written += t.numel() * t.element_size()
         return written
+
+    def _stream(self):
+        """On CUDA, each worker thread issues its copies and kernels on a stream of its
+        own, so one job's host-to-device copy overlaps another's compute and a third's
+        copy back (the threads are the pipeline); elsewhere, nothing."""
+        if not self._cuda:
+            return nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(device=self.device)
+        return torch.cuda.stream(stream)
+
+    def _to_device(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self._cuda:
+            return t.to(device=self.device, dtype=dtype)
+        # Staged through pinned memory (torch caches those blocks), copied asynchronously
+        # on this thread's stream, widened on the GPU.
+        return t.pin_memory().to(self.device, non_blocking=True).to(dtype)
+
+    def _to_host(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self._cuda:
+            return t.to(device="cpu", dtype=dtype)
+        t = t.to(dtype)  # narrowed on the GPU: fewer bytes to copy back
+        host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
 
     def _read(self, src) -> torch.Tensor:
         return self.plan.checkpoints[src.model].get(src.name)
@@ -389,8 +419,7 @@ class _Worker:
         kwargs = dict(job.params)
         if spec.stats:
             kwargs["stats"] = [
-                None if s is None else self._read(s).to(device=self.device, dtype=cdt)
-                for s in job.stats
+                None if s is None else self._to_device(self._read(s), cdt) for s in job.stats
             ]
         if spec.uses_seed:
             # A CPU generator whatever the device: the same seed gives the same masks on
@@ -407,12 +436,12 @@ class _Worker:
         result = spec.fn(inputs, base, **kwargs)
         if job.transpose:
             result = result.T.contiguous()
-        return result.to(device="cpu", dtype=job.result_dtype)
+        return self._to_host(result, job.result_dtype)
 
     def _load(self, src, dtype: torch.dtype, native: bool = False) -> torch.Tensor:
         t = self._read(src)
         if not (native and self.device.type == "cpu" and t.dtype in _NATIVE):
-            t = t.to(device=self.device, dtype=dtype)
+            t = self._to_device(t, dtype)
         if not all_finite(t):
             msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
             if self.strict:
