@@ -7,7 +7,11 @@ first input's) into OUT/model.safetensors. A merge tool cannot beat this by much
 same disk and cache state; ``benchmarks/merge.py`` runs it as a subprocess between the
 tool runs and reports ``tool time / floor time``.
 
-    python benchmarks/io_floor.py OUT_DIR MODEL_DIR [MODEL_DIR ...]
+With ``--device cuda`` it is the floor of a GPU merge: every input tensor is also copied
+to the GPU (through pinned memory, asynchronously), and the output comes back from the
+GPU before it is written.
+
+    python benchmarks/io_floor.py [--device cuda] OUT_DIR MODEL_DIR [MODEL_DIR ...]
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ def shard_files(model_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    device = None
+    if argv[:1] == ["--device"] and len(argv) > 1:
+        device, argv = (argv[1] if argv[1] != "cpu" else None), argv[2:]
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
@@ -44,11 +51,16 @@ def main(argv: list[str]) -> int:
                 for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
                     # get_tensor may return a lazy view of the mmap (safetensors 0.8
                     # does): clone() faults every page in and copies it, like a read().
-                    t = st.get_tensor(name).clone()
+                    t = st.get_tensor(name)
+                    t = t.clone() if device is None else t.pin_memory()
                     read += t.numel() * t.element_size()
+                    if device is not None:
+                        t = t.to(device, non_blocking=True)
                     if i == 0:
                         keep[name] = t
                     del t
+    if device is not None:
+        keep = {name: t.cpu() for name, t in keep.items()}  # back from the GPU (synchronises)
     t_read = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -120,34 +120,36 @@ class FamilySpec:
 QUICK = FamilySpec(hidden=64, intermediate=176, layers=4, heads=4, kv_heads=4, vocab=512)
 
 
-def _gen(seed: int, model: str, name: str) -> torch.Generator:
-    g = torch.Generator()
+def _gen(seed: int, model: str, name: str, device: str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + zlib.crc32(f"{model}/{name}".encode())) % (2**63))
     return g
 
 
-def base_tensor(spec: FamilySpec, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def base_tensor(
+    spec: FamilySpec, name: str, shape: tuple[int, ...], device: str = "cpu"
+) -> torch.Tensor:
     """The base model's tensor, float32; norms near 1, matrices ~N(0, 0.02)."""
-    g = _gen(spec.seed, "base", name)
+    g = _gen(spec.seed, "base", name, device)
     if len(shape) == 1:
-        return 1.0 + 0.05 * torch.randn(shape, generator=g)
-    return 0.02 * torch.randn(shape, generator=g)
+        return 1.0 + 0.05 * torch.randn(shape, generator=g, device=device)
+    return 0.02 * torch.randn(shape, generator=g, device=device)
 
 
 def fine_tune_delta(
-    spec: FamilySpec, model: str, name: str, shape: tuple[int, ...]
+    spec: FamilySpec, model: str, name: str, shape: tuple[int, ...], device: str = "cpu"
 ) -> torch.Tensor:
     """Low-rank + noise delta, std about ``delta_scale`` x the base's."""
-    g = _gen(spec.seed, model, name)
+    g = _gen(spec.seed, model, name, device)
     if len(shape) == 1:
-        return (0.05 * spec.delta_scale) * torch.randn(shape, generator=g)
+        return (0.05 * spec.delta_scale) * torch.randn(shape, generator=g, device=device)
     rows, cols = shape
     r = min(spec.rank, rows, cols)
     std = 0.02 * spec.delta_scale
-    u = torch.randn(rows, r, generator=g)
-    w = torch.randn(r, cols, generator=g)
+    u = torch.randn(rows, r, generator=g, device=device)
+    w = torch.randn(r, cols, generator=g, device=device)
     low_rank = (u @ w) * (std * 0.8 / r**0.5)
-    noise = torch.randn(shape, generator=g) * (std * 0.6)
+    noise = torch.randn(shape, generator=g, device=device) * (std * 0.6)
     return low_rank.add_(noise)
 
 
@@ -170,8 +172,9 @@ def check_names_against_transformers(spec: FamilySpec) -> None:
         )
 
 
-def write_model(spec: FamilySpec, model: str, out: Path) -> int:
-    """Write one model of the family to ``out``; returns bytes of tensor data."""
+def write_model(spec: FamilySpec, model: str, out: Path, device: str = "cpu") -> int:
+    """Write one model of the family to ``out``; returns bytes of tensor data. ``device``
+    is where the random tensors are drawn (a GPU draws other, equally seeded, values)."""
     dtype = getattr(torch, spec.dtype)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -182,10 +185,10 @@ def write_model(spec: FamilySpec, model: str, out: Path) -> int:
     sizes = [0]
     total = 0
     for name, shape in shapes.items():
-        t = base_tensor(spec, name, shape)
+        t = base_tensor(spec, name, shape, device)
         if model != "base":
-            t.add_(fine_tune_delta(spec, model, name, shape))
-        t = t.to(dtype).contiguous()
+            t.add_(fine_tune_delta(spec, model, name, shape, device))
+        t = t.to(dtype).cpu().contiguous()
         nbytes = t.numel() * t.element_size()
         if sizes[-1] and sizes[-1] + nbytes > spec.shard_size:
             shards.append({})
@@ -212,9 +215,11 @@ def write_model(spec: FamilySpec, model: str, out: Path) -> int:
     return total
 
 
-def build_family(spec: FamilySpec, workdir: Path, *, log=print) -> Path:
-    """Build (or reuse) the family under ``workdir/families/<name>``; returns its folder."""
-    root = Path(workdir) / "families" / spec.name
+def build_family(spec: FamilySpec, workdir: Path, *, device: str = "cpu", log=print) -> Path:
+    """Build (or reuse) the family under ``workdir/families/<name>`` (``<name>-g<device>``
+    when drawn on another device than the CPU); returns its folder."""
+    name = spec.name if device == "cpu" else f"{spec.name}-g{device.split(':')[0]}"
+    root = Path(workdir) / "families" / name
     stamp = root / "family.json"
     want = asdict(spec)
     if stamp.exists():
@@ -231,7 +236,7 @@ def build_family(spec: FamilySpec, workdir: Path, *, log=print) -> Path:
     t0 = time.perf_counter()
     total = 0
     for model in spec.model_names:
-        total += write_model(spec, model, root / model)
+        total += write_model(spec, model, root / model, device)
         log(f"  wrote {root / model}")
     info = {
         "spec": want,

@@ -58,6 +58,13 @@ TIES_DENSITY = 0.5
 # after "ties" run with graft only (--family-methods) and are timed against graft's ties.
 TIES_FAMILY = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 VOCAB_256K = 256_000
+FAMILIES = {
+    "300m": make_family.FamilySpec(),
+    # TinyLlama-1.1B's shape (grouped-query attention, 4 KV heads): the GPU benchmark's.
+    "1b": make_family.FamilySpec(
+        hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000
+    ),
+}
 
 TARGETS = {
     "ties_speedup_vs_mergekit": 6.0,  # mergekit time / graft time >= 6
@@ -218,6 +225,8 @@ def tool_cmd(tool: str, recipe: Path, out: Path, inputs: list[Path], args) -> li
         cmd = [str(args.graft), "merge", str(recipe), str(out), "--quiet", "--json", "--force"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.device != "cpu":
+            cmd += ["--device", args.device]
         return cmd
     if tool == "mergekit":
         cmd = [
@@ -230,9 +239,14 @@ def tool_cmd(tool: str, recipe: Path, out: Path, inputs: list[Path], args) -> li
         ]
         if args.threads:
             cmd += ["-j", str(args.threads)]
+        if args.device != "cpu":
+            cmd += ["--cuda"]
         return cmd
     if tool == "floor":
-        return [sys.executable, str(HERE / "io_floor.py"), str(out)] + [str(p) for p in inputs]
+        device = ["--device", args.device] if args.device != "cpu" else []
+        return [sys.executable, str(HERE / "io_floor.py"), *device, str(out)] + [
+            str(p) for p in inputs
+        ]
     raise ValueError(tool)
 
 
@@ -506,9 +520,12 @@ def machine_info(args) -> dict:
             ["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True, text=True
         ).stdout.strip()
         rev += " (+uncommitted changes in src/)" if dirty else ""
-    except subprocess.CalledProcessError:
-        rev = "no commit yet"
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        rev = "no commit yet (or no git)"
+    gpu = torch.cuda.get_device_name(0) if args.device != "cpu" else None
     return {
+        "device": args.device,
+        "gpu": gpu,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -564,7 +581,13 @@ def render_markdown(res: dict) -> str:
     )
     L.append("")
     L.append(
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['date']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"
+        + (
+            f", GPU {m['gpu']} (graft --device {m['device']}, mergekit --cuda)"
+            if m.get("gpu")
+            else ""
+        )
+        + f"; {m['date']}; "
         f"torch {m['torch']} (graft) / {m['mergekit_torch']} (mergekit); mergekit {m['mergekit']}; "
         f"graft rev {m['graft_rev']}, src sha256 {m['graft_src_sha256']}. "
         f"Threads: {res['threads'] or 'tool defaults'}; repeats: {res['repeats']} per tool; "
@@ -714,6 +737,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work")
     ap.add_argument("--methods", default="linear,ties")
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="graft --device, mergekit --cuda and the floor's copies to and from this device",
+    )
+    ap.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="300m",
+        help="family shape: 300m (the CPU benchmark's), 1b (TinyLlama-1.1B's shape)",
+    )
+    ap.add_argument(
         "--dtype",
         default="bfloat16",
         help="recipe dtype: (mergekit computes ties in it; 'none' to omit)",
@@ -766,14 +800,15 @@ def main(argv: list[str] | None = None) -> int:
         if not exe.exists():
             raise SystemExit(f"not found: {exe}")
 
-    base_spec = make_family.QUICK if args.quick else make_family.FamilySpec()
+    base_spec = make_family.QUICK if args.quick else FAMILIES[args.family]
+    gen = "cuda" if args.device.startswith("cuda") else "cpu"  # draw a GPU run's family there
     spec1 = base_spec
     spec2 = make_family.FamilySpec(
         **{**make_family.asdict(base_spec), "layers": base_spec.layers * 2}
     )
     print(f"building / reusing families under {args.workdir}")
-    fam1 = make_family.build_family(spec1, args.workdir)
-    fam2 = None if args.no_2x else make_family.build_family(spec2, args.workdir)
+    fam1 = make_family.build_family(spec1, args.workdir, device=gen)
+    fam2 = None if args.no_2x else make_family.build_family(spec2, args.workdir, device=gen)
 
     src_at_start = src_hash()
     # --warm: on a machine shared with other work, dropping the page cache (a global act)
