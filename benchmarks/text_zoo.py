@@ -129,14 +129,36 @@ def main() -> None:
             _write_atomic(kept, run)
             _log(f"seed {seed} done in {result.seconds:.0f}s (+{built:.0f}s to load/build the zoo)")
         elif args.rerun:
-            result = run_bench(text_bench_zoo(root), methods=args.rerun, references=False, log=_log)
-            fresh = {r["method"]: r for r in result.to_json()["rows"]}
-            rows = [fresh.pop(r["method"], r) for r in run["rows"]]
-            run = {**run, "rows": rows + list(fresh.values())}
-            run["seconds"] = run.get("seconds", 0) + result.seconds
-            _normalize(run)
+            # Each remade row replaces the kept one at once; an interrupted rerun of the
+            # same methods skips, on the next run, the rows it already remade.
+            asked = sorted(set(args.rerun))
+            state = run.get("rerun") or {}
+            done = state.get("done", []) if state.get("methods") == asked else []
+            todo = [m for m in asked if m not in done]
+            run["rerun"] = {"methods": asked, "done": list(done)}
+
+            def remake(row, run=run, kept=kept):
+                fresh = {**asdict(row), "average": row.mean()}
+                at = [i for i, r in enumerate(run["rows"]) if r["method"] == row.method]
+                if at:
+                    run["rows"][at[0]] = fresh
+                else:
+                    run["rows"].append(fresh)
+                run["rerun"]["done"].append(row.method)
+                _normalize(run)
+                _write_atomic(kept, run)
+
+            if done:
+                _log(f"seed {seed}: resuming the rerun, {sorted(done)} already remade")
+            seconds = 0.0
+            if todo:
+                seconds = run_bench(
+                    text_bench_zoo(root), methods=todo, references=False, on_row=remake, log=_log
+                ).seconds
+            del run["rerun"]
+            run["seconds"] = run.get("seconds", 0) + seconds
             _write_atomic(kept, run)
-            _log(f"seed {seed}: remade {sorted(args.rerun)} in {result.seconds:.0f}s")
+            _log(f"seed {seed}: remade {todo} in {seconds:.0f}s")
         else:
             _log(f"seed {seed}: reusing {kept}")
         runs.append(run)
