@@ -17,6 +17,8 @@
 #
 # Budget: about 1 min of family generation (on the GPU), 1-2 min of tests, 3-5 min of
 # merges. Run from the repository root:  OUT=/tmp/gpu bash benchmarks/gpu.sh
+# (through the device tool: command "bash benchmarks/gpu.sh", carry [".whl"], where the
+# tool sets $OUT and brings back what is under it).
 set -uo pipefail
 OUT=${OUT:-/tmp/graft-gpu}
 mkdir -p "$OUT"
