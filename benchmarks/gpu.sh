@@ -15,8 +15,9 @@
 #     immutables==0.21 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
 #     typing-inspection datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #
-# Budget: about 1 min of family generation (on the GPU), 1-2 min of tests, 3-5 min of
-# merges. Run from the repository root:  OUT=/tmp/gpu bash benchmarks/gpu.sh
+# Budget: 1-2 min of tests, then about 1 min of family generation (on the GPU) and 4-6
+# min of merges. Run from the repository root:  OUT=/tmp/gpu bash benchmarks/gpu.sh
+# [all|tests|bench]
 # (through the device tool: command "bash benchmarks/gpu.sh", carry [".whl"], where the
 # tool sets $OUT and brings back what is under it).
 set -uo pipefail
@@ -41,13 +42,15 @@ chmod +x "$bin/graft" "$bin/mergekit-yaml"
   "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/device.txt"
 
+stage=${1:-all}  # all | tests | bench: two calls of the device tool fit its 10-min limit better
+
 # 1. Every CUDA test (each skips without a GPU, so only here do they run).
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs \
+[ "$stage" = bench ] || timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs \
   tests/test_plan.py tests/test_merge_invariants.py tests/test_merge_svd.py \
   tests/test_merge_opcm.py tests/test_merge_wudi.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
 
 # 2. The merge benchmark on the GPU. The page cache is dropped where allowed (root).
-timeout 480 "$PY" benchmarks/merge.py --device cuda --family 1b --methods ties \
+[ "$stage" = tests ] || timeout 400 "$PY" benchmarks/merge.py --device cuda --family 1b --methods ties \
   --repeats 2 --no-2x --no-vocab-256k --family-methods dare_ties --threads 8 \
   --workdir /tmp/graft-bench --graft "$bin/graft" --mergekit "$bin/mergekit-yaml" \
   --results "$OUT/gpu-merge.json" --markdown "$OUT/gpu-merge.md" 2>&1 | tee "$OUT/gpu-merge.log"
