@@ -64,11 +64,14 @@ def main() -> None:
         help="with --reuse: remake these methods' rows in each seed's kept result (rows the "
         "kept result lacks are added), keeping the rest",
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: tables and doc from each seed's kept result, partial ones included",
+    )
     args = ap.parse_args()
 
     from dataclasses import replace
-
-    import torch
 
     from graft.eval.zoo_bench import run_bench, text_bench_zoo
     from graft.zoo.text_zoo import FULL, QUICK, build_text_zoo
@@ -79,6 +82,17 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         root = args.cache / f"text-zoo{'-quick' if args.quick else ''}-s{seed}"
+        if args.report:
+            kept = root.parent / f"{root.name}.bench.json"
+            run = _kept_run(kept, json.loads((root / "manifest.json").read_text())["config_hash"])
+            if run is None:
+                _log(f"seed {seed}: no kept result at {kept}; left out")
+                continue
+            if run.get("partial"):
+                _normalize(run)
+                _log(f"seed {seed}: partial, {len(run['rows'])} rows")
+            runs.append(run)
+            continue
         t0 = time.perf_counter()
         zoo = build_text_zoo(root, seed=seed, config=config, log=_log)
         built = time.perf_counter() - t0
@@ -162,20 +176,31 @@ def main() -> None:
         else:
             _log(f"seed {seed}: reusing {kept}")
         runs.append(run)
-        # Written after every seed, so an interrupted run keeps the seeds it finished.
-        doc = {
-            "machine": f"{platform.node()} ({platform.machine()}, {_cores()} cores), torch "
-            f"{torch.__version__}, threads {torch.get_num_threads()}",
-            "date": time.strftime("%Y-%m-%d"),
-            "quick": args.quick,
-            "runs": runs,
-            "summary": summarize(runs),
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
-        if not args.quick:
-            _write_doc(doc)
+        doc = _publish(runs, args)  # after every seed: an interrupted run keeps the seeds done
+    if args.report:
+        if not runs:
+            raise SystemExit("no kept results to report")
+        doc = _publish(runs, args)
     print(tables(doc))
+
+
+def _publish(runs: list[dict], args: argparse.Namespace) -> dict:
+    """The results JSON and (unless --quick) the doc's tables, from ``runs``."""
+    import torch
+
+    doc = {
+        "machine": f"{platform.node()} ({platform.machine()}, {_cores()} cores), torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    if not args.quick:
+        _write_doc(doc)
+    return doc
 
 
 def _kept_run(path: Path, zoo_hash: str) -> dict | None:
@@ -191,6 +216,7 @@ def _kept_run(path: Path, zoo_hash: str) -> dict | None:
 def _normalize(run: dict) -> None:
     """Each row's normalized accuracy: mean over tasks of its accuracy / the fine-tune's."""
     ft = next(r for r in run["rows"] if r["method"] == "fine-tuned (individual)")["accuracy"]
+    run.setdefault("tasks", list(ft))  # a partial run's: the fine-tuned row's, in zoo order
     for r in run["rows"]:
         r["normalized"] = statistics.fmean(r["accuracy"][t] / ft[t] for t in run["tasks"])
 
