@@ -245,6 +245,21 @@ def _recipe(tmp_path: Path, doc: dict) -> Path:
     return path
 
 
+def _fp8_output_recipe(tmp_path: Path, root: Path, other: Path) -> Path:
+    """Half the FP8 model and half the bf16 one, written back as FP8 with block scales."""
+    return _recipe(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "out_dtype": "float8_e4m3fn",
+            "models": [
+                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
+                {"model": str(other), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
+
+
 def test_linear_merge_of_fp8_with_bf16_model(ragged, tmp_path):
     root, pairs, other = ragged
     recipe = _recipe(
@@ -275,17 +290,7 @@ def test_linear_merge_of_fp8_with_bf16_model(ragged, tmp_path):
 
 def test_fp8_output_requantizes_with_fresh_block_scales(ragged, tmp_path):
     root, pairs, other = ragged
-    recipe = _recipe(
-        tmp_path,
-        {
-            "merge_method": "linear",
-            "out_dtype": "float8_e4m3fn",
-            "models": [
-                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
-                {"model": str(other), "parameters": {"weight": 0.5}},
-            ],
-        },
-    )
+    recipe = _fp8_output_recipe(tmp_path, root, other)
     code, _, err = run_cli("merge", recipe, tmp_path / "fp8-out", "-q")
     assert code == 0, err
     code, _, err = run_cli(
@@ -374,17 +379,7 @@ def test_fp8_output_split_by_shards_gives_the_same_bytes(ragged, tmp_path):
     from graft.recipe import load_recipe
 
     root, _, other = ragged
-    recipe = _recipe(
-        tmp_path,
-        {
-            "merge_method": "linear",
-            "out_dtype": "float8_e4m3fn",
-            "models": [
-                {"model": str(root / "fp8"), "parameters": {"weight": 0.5}},
-                {"model": str(other), "parameters": {"weight": 0.5}},
-            ],
-        },
-    )
+    recipe = _fp8_output_recipe(tmp_path, root, other)
     plan = plan_merge(load_recipe(recipe))
     try:
         run_plan(plan, tmp_path / "whole", max_shard_bytes=30_000, threads=2)

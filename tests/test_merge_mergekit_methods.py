@@ -372,13 +372,19 @@ def _block_weights(weights: dict[str, float], stack: str) -> dict[int, float]:
     return {i: next(iter(v)) for i, v in sorted(out.items())}
 
 
-def test_t5_gradient_runs_over_encoder_and_decoder_separately(tmp_path):
+def _t5_family(tmp_path):
+    """A tiny T5 base and fine-tune with two stacks of different depths (encoder 2 blocks,
+    decoder 3)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(
         vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
         num_heads=2, decoder_start_token_id=0,
     )  # fmt: skip
-    base, ft = _save_family(tmp_path, transformers.T5ForConditionalGeneration, config, "t5")
+    return _save_family(tmp_path, transformers.T5ForConditionalGeneration, config, "t5")
+
+
+def test_t5_gradient_runs_over_encoder_and_decoder_separately(tmp_path):
+    base, ft = _t5_family(tmp_path)
     weights = _merge_with_gradient(tmp_path, base, ft)
     assert _block_weights(weights, "encoder.block.") == {0: 0.0, 1: 1.0}
     assert _block_weights(weights, "decoder.block.") == {0: 0.0, 1: 0.5, 2: 1.0}
@@ -406,14 +412,9 @@ def test_lines_scales_each_stack_by_its_own_depth(tmp_path):
     """LiNeS's last block gets α + β in every stack: T5's 2-block encoder as well as its
     3-block decoder (the deepest stack's depth would give the encoder α + β/2), in a
     merge and in the in-memory merge the search runs."""
-    transformers = pytest.importorskip("transformers")
     from graft.eval.search import merge_states
 
-    config = transformers.T5Config(
-        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
-        num_heads=2, decoder_start_token_id=0,
-    )  # fmt: skip
-    base, ft = _save_family(tmp_path, transformers.T5ForConditionalGeneration, config, "t5")
+    base, ft = _t5_family(tmp_path)
     recipe = tmp_path / "lines.yaml"
     doc = {
         "merge_method": "lines",
@@ -440,12 +441,7 @@ def test_lines_scales_each_stack_by_its_own_depth(tmp_path):
 
 
 def test_slices_on_a_model_with_two_stacks_fail_with_the_fix(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.T5Config(
-        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
-        num_heads=2, decoder_start_token_id=0,
-    )  # fmt: skip
-    base, ft = _save_family(tmp_path, transformers.T5ForConditionalGeneration, config, "t5")
+    base, ft = _t5_family(tmp_path)
     recipe = tmp_path / "slices.yaml"
     doc = {
         "merge_method": "passthrough",
