@@ -389,3 +389,226 @@ def test_modules_match_mergekit(tmp_path, vlm):
     gc, mc = (json.loads((d / "config.json").read_text()) for d in (g_out, mk_out))
     for key in ("text_config", "vision_config"):
         assert gc[key]["num_hidden_layers"] == mc[key]["num_hidden_layers"]
+
+
+# ------------------------------------------------------- LiNeS in a sliced module
+
+SLICED_LINES = """
+merge_method: lines
+base_model: {base}
+dtype: float32
+parameters: {{alpha: 0.5, beta: 0.5}}
+modules:
+  text_decoder:
+    slices:
+      - sources:
+          - model: {a}
+            layer_range: [0, 2]
+          - model: {base}
+            layer_range: [0, 2]
+  vision_tower:
+    models:
+      - model: {a}
+  multi_modal_projector:
+    models:
+      - model: {a}
+"""
+
+
+def test_lines_in_a_sliced_module_scales_by_depth_within_that_module(tmp_path, vlm):
+    # The text module keeps 2 of its 3 blocks; the vision tower has 2. LiNeS gives block l
+    # of a stack of L blocks alpha + beta·l/(L − 1): 0.5 then 1.0 in both modules. Scaling
+    # by the whole model's deepest stack (3 text blocks) would give the last kept text
+    # block 0.75.
+    code, log, out = _merge(tmp_path, vlm, SLICED_LINES)
+    assert code == 0, log
+    o, base, a = _tensors(out), _tensors(vlm["base"]), _tensors(vlm["a"])
+    names = (
+        "language_model.model.layers.{}.mlp.down_proj.weight",
+        "vision_tower.transformer.layers.{}.feed_forward.down_proj.weight",
+    )
+    for pattern in names:
+        for layer, scale in ((0, 0.5), (1, 1.0)):
+            name = pattern.format(layer)
+            want = base[name] + scale * (a[name] - base[name])
+            torch.testing.assert_close(o[name], want, rtol=0, atol=1e-6, msg=name)
+    assert "language_model.model.layers.2.mlp.down_proj.weight" not in o
+
+
+# ------------------------------------- LLaVA: mergekit's inferred module names
+
+TEXT_LAYERS_LLAVA, VISION_LAYERS_LLAVA = 3, 2
+
+
+def _llava(out, seed):
+    transformers = pytest.importorskip("transformers")
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=TEXT_LAYERS_LLAVA,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=VISION_LAYERS_LLAVA,
+        num_attention_heads=2, image_size=16, patch_size=8,
+    )  # fmt: skip
+    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=63)
+    torch.manual_seed(seed)
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    return {"a": _llava(root / "a", 1), "b": _llava(root / "b", 2)}
+
+
+# mergekit has no LLaVA template: it names the modules after the block stacks of the model
+# transformers 5 builds (model.language_model.layers), plus "default" for the rest.
+LLAVA_INFERRED = """
+merge_method: linear
+dtype: float32
+modules:
+  {text}:
+    models:
+      - model: {a}
+        parameters: {{weight: 3.0}}
+      - model: {b}
+        parameters: {{weight: 1.0}}
+  {vision}:
+    models:
+      - model: {a}
+        parameters: {{weight: [1.0, 0.0]}}
+      - model: {b}
+        parameters: {{weight: [0.0, 1.0]}}
+  default:
+    models:
+      - model: {a}
+      - model: {b}
+    parameters: {{weight: 1.0}}
+"""
+SPELLINGS = {  # the stacks as transformers 5 names them (mergekit's) and as the checkpoint does
+    "transformers 5": ("model.language_model.layers", "model.vision_tower.encoder.layers"),
+    "checkpoint": ("language_model.model.layers", "vision_tower.encoder.layers"),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_llava_runs_a_recipe_with_mergekits_inferred_module_names(tmp_path, llava, spelling):
+    text, vision = SPELLINGS[spelling]
+    recipe = LLAVA_INFERRED.format(
+        text=text, vision=vision, **{k: str(v) for k, v in llava.items()}
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    code, stdout, stderr = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out")
+    assert code == 0, stdout + stderr
+    o, a, b = _tensors(tmp_path / "out"), _tensors(llava["a"]), _tensors(llava["b"])
+    assert sorted(o) == sorted(a)
+    for name in a:
+        if name.startswith("language_model.model.layers."):  # (3a + b) / 4
+            want = (3 * a[name] + b[name]) / 4
+        elif name.startswith("vision_tower.encoder.layers."):  # block 0 is a, block 1 is b
+            want = a[name] if ".layers.0." in name else b[name]
+        else:  # default: embeddings, norms, lm_head, projector, vision embeddings
+            want = (a[name] + b[name]) / 2
+        torch.testing.assert_close(o[name], want, rtol=0, atol=1e-6, msg=name)
+    transformers = pytest.importorskip("transformers")
+    transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+
+
+def test_llava_template_names_still_run_and_unknown_names_list_both(tmp_path, llava):
+    recipe = LLAVA_INFERRED.format(
+        text="text_decoder", vision="vision_tower", **{k: str(v) for k, v in llava.items()}
+    ).replace("  default:", "  multi_modal_projector:")
+    (tmp_path / "r.yaml").write_text(recipe)
+    code, stdout, stderr = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out")
+    assert code == 0, stdout + stderr
+    o, a, b = _tensors(tmp_path / "out"), _tensors(llava["a"]), _tensors(llava["b"])
+    name = "language_model.model.embed_tokens.weight"  # text_decoder: (3a + b) / 4
+    torch.testing.assert_close(o[name], (3 * a[name] + b[name]) / 4, rtol=0, atol=1e-6)
+    bad = LLAVA_INFERRED.format(
+        text="model.language_model.layers", vision="vision_towr", **{k: str(v) for k, v in llava.items()}
+    )  # fmt: skip
+    (tmp_path / "bad.yaml").write_text(bad)
+    code, stdout, stderr = run_cli("merge", tmp_path / "bad.yaml", tmp_path / "bad")
+    lines = [ln for ln in (stdout + stderr).splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and "has no module 'vision_towr'" in lines[0], lines
+    # the names it has under both schemes: mergekit's inferred ones and graft's template
+    for name in ("model.language_model.layers", "default", "text_decoder", "multi_modal_projector"):
+        assert name in lines[0], lines
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.mergekit
+def test_llava_inferred_modules_match_mergekit(tmp_path, llava):
+    from test_mergekit_crosscheck import MK_DRIVER, mergekit_python
+
+    py, reason = mergekit_python()
+    if py is None:
+        pytest.skip(reason)
+    text, vision = SPELLINGS["transformers 5"]
+    recipe = tmp_path / "cross.yaml"
+    recipe.write_text(
+        LLAVA_INFERRED.format(text=text, vision=vision, **{k: str(v) for k, v in llava.items()})
+    )
+    mk_out, g_out = tmp_path / "mergekit", tmp_path / "graft"
+    code, stdout, stderr = run_cli("merge", recipe, g_out)
+    assert code == 0, stdout + stderr
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [py, "-c", MK_DRIVER, json.dumps([(str(recipe), str(mk_out))])],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    g, m = _tensors(g_out), _tensors(mk_out)
+    # mergekit 0.1.5 writes the transformers-5 names and leaves the language model out
+    # (docs/methods.md); every tensor it writes matches graft's under the checkpoint's name.
+    assert m and all(n.startswith("model.") for n in m)
+    for name in m:
+        mine = g[name.removeprefix("model.")]
+        assert float((mine - m[name]).abs().max()) <= 1e-6 * float(m[name].abs().max()), name
+
+
+# --------------------------------------------- Qwen2-VL: the projector's "layers"
+
+
+def _qwen2_vl(out, seed):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=2,
+            spatial_merge_size=2, temporal_patch_size=1, in_channels=3,
+        ),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    transformers.Qwen2VLForConditionalGeneration(cfg).save_pretrained(out)
+    return out
+
+
+def test_qwen2_vl_projector_takes_the_first_point_of_a_gradient(tmp_path):
+    # mergekit's Qwen2-VL template lists the projector's four tensors under both of its
+    # two "layers", so each is merged at t = 0 and at t = 1 and the last write wins
+    # (docs/methods.md). graft merges them once, as tensors outside the blocks: t = 0.
+    a, b = _qwen2_vl(tmp_path / "a", 1), _qwen2_vl(tmp_path / "b", 2)
+    both = "    models:\n      - model: {a}\n      - model: {b}\n"
+    recipe = (
+        "merge_method: linear\ndtype: float32\nparameters: {{weight: 1.0}}\nmodules:\n"
+        "  text_decoder:\n" + both + "  vision_tower:\n" + both + "  multi_modal_projector:\n"
+        "    models:\n      - model: {a}\n        parameters: {{weight: [1.0, 0.0]}}\n"
+        "      - model: {b}\n        parameters: {{weight: [0.0, 1.0]}}\n"
+    ).format(a=a, b=b)
+    (tmp_path / "r.yaml").write_text(recipe)
+    code, stdout, stderr = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out")
+    assert code == 0, stdout + stderr
+    o, ta, tb = _tensors(tmp_path / "out"), _tensors(a), _tensors(b)
+    merger = [n for n in ta if n.startswith("visual.merger.")]
+    assert len(merger) == 6
+    for name in merger:
+        assert torch.equal(o[name], ta[name]), name
+    name = "visual.blocks.1.attn.qkv.weight"
+    torch.testing.assert_close(o[name], (ta[name] + tb[name]) / 2, rtol=0, atol=1e-6)

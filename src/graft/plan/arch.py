@@ -70,6 +70,7 @@ STACK_DEPTH_KEYS: dict[str, str] = {
     "decoder.layers.": "decoder_layers",  # BART, Marian, Whisper
     "text_model.encoder.layers.": "text_config.num_hidden_layers",  # CLIP, SigLIP
     "vision_model.encoder.layers.": "vision_config.num_hidden_layers",  # CLIP, SigLIP, LLaVA
+    "vision_tower.encoder.layers.": "vision_config.num_hidden_layers",  # LLaVA, transformers 5
     "language_model.model.layers.": "text_config.num_hidden_layers",  # LLaVA, transformers 4
     "language_model.layers.": "text_config.num_hidden_layers",  # LLaVA, transformers 5
 }

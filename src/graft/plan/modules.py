@@ -87,6 +87,22 @@ MODULES: dict[str, tuple[ModuleDef, ...]] = {
 
 DEFAULT = "default"
 
+# Architectures graft has a template for and mergekit 0.1.5 does not: mergekit infers their
+# modules (`inferred_layout`), so a recipe written for mergekit names those instead.
+GRAFT_ONLY = frozenset({"LlavaForConditionalGeneration"})
+
+# mergekit infers module names from the tensor names of the model transformers builds
+# (``model.language_model.layers`` under transformers 5), while the checkpoint may hold the
+# older layout (``language_model.model.layers``); a stack answers to either spelling.
+LAYOUT_ALIASES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("vision_model.", "model.vision_model."),
+    ("visual.", "model.visual."),
+)
+
 
 @dataclass(frozen=True)
 class ModuleLayout:
@@ -95,6 +111,7 @@ class ModuleLayout:
     architecture: str
     modules: tuple[ModuleDef, ...]
     inferred: bool = False
+    renamed: tuple[tuple[str, str], ...] = ()  # inferred: (stack prefix, the recipe's name)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -108,7 +125,8 @@ class ModuleLayout:
             block = split_block_name(tensor)
             if block is None or len(self.modules) == 1:
                 return DEFAULT
-            return block.prefix.removesuffix(".")
+            stack = block.prefix.removesuffix(".")
+            return dict(self.renamed).get(stack, stack)
         best, length = None, -1
         for m in self.modules:
             for p in m.prefixes:
@@ -124,6 +142,58 @@ def module_layout(config: Mapping | None, names: Iterable[str]) -> ModuleLayout:
     if arch in MODULES:
         return ModuleLayout(arch, MODULES[arch])
     return inferred_layout(arch, names)
+
+
+def recipe_layout(
+    config: Mapping | None, names: Iterable[str], wanted: Iterable[str]
+) -> ModuleLayout:
+    """The modules of this model as a recipe naming modules ``wanted`` sees them.
+
+    As `module_layout`, except where mergekit would infer the modules (no template in
+    mergekit, `GRAFT_ONLY` included) and the recipe names the inferred modules: then the
+    inferred layout, each stack under the recipe's spelling of it (`LAYOUT_ALIASES`). A
+    name found in neither is left for the caller to report against the first layout.
+    """
+    names, wanted = list(names), list(wanted)
+    layout = module_layout(config, names)
+    if all(w in layout.names for w in wanted):
+        return layout
+    if not layout.inferred and layout.architecture not in GRAFT_ONLY:
+        return layout  # mergekit uses its template too, and fails the same way
+    inferred = inferred_layout(layout.architecture, names)
+    renamed = []
+    for module in inferred.modules:
+        spelled = _spellings(module.name + ".")
+        match = next((w for w in wanted if w + "." in spelled), None)
+        if match is not None and match != module.name:
+            renamed.append((module.name, match))
+    rename = dict(renamed)
+    mods = tuple(
+        ModuleDef(rename.get(m.name, m.name), m.prefixes, m.depth) for m in inferred.modules
+    )
+    result = ModuleLayout(inferred.architecture, mods, inferred=True, renamed=tuple(renamed))
+    found = lambda lay: sum(w in lay.names for w in wanted)  # noqa: E731
+    return result if found(result) > found(layout) else layout  # the nearer, for the error
+
+
+def other_names(layout: ModuleLayout, names: Iterable[str]) -> tuple[str, ...]:
+    """For a `GRAFT_ONLY` architecture, the module names of the layout not in use (graft's
+    template or mergekit's inferred names): an error about a module name lists them too."""
+    if layout.architecture not in GRAFT_ONLY:
+        return ()
+    if layout.inferred:
+        return tuple(m.name for m in MODULES[layout.architecture])
+    return inferred_layout(layout.architecture, names).names
+
+
+def _spellings(prefix: str) -> set[str]:
+    """``prefix`` in both transformers layouts (`LAYOUT_ALIASES`)."""
+    out = {prefix}
+    for old, new in LAYOUT_ALIASES:
+        for a, b in ((old, new), (new, old)):
+            if prefix.startswith(a):
+                out.add(b + prefix[len(a) :])
+    return out
 
 
 def inferred_layout(arch: str, names: Iterable[str]) -> ModuleLayout:

@@ -61,7 +61,7 @@ from graft.plan.arch import (
     with_block_count,
 )
 from graft.plan.models import open_models, resolve_model_path
-from graft.plan.modules import ModuleLayout, module_layout
+from graft.plan.modules import ModuleLayout, other_names, recipe_layout
 from graft.plan.quantized import FP8_OUT, plan_fp8
 from graft.plan.vocab import RowMap, Vocab, VocabError, plan_vocab
 from graft.recipe import ModelRef, ModuleRecipe, OutputSlice, Recipe, RecipeError, evaluate_setting
@@ -343,13 +343,16 @@ class _Planner:
         r = self.recipe
         assert r.modules is not None
         ref = self.ckpts[ref_model]
-        layout = self.layout = module_layout(ref.config, ref.names)
+        wanted = [m.name for m in r.modules]
+        layout = self.layout = recipe_layout(ref.config, ref.names, wanted)
         for module in r.modules:
             if layout.get(module.name) is None:
                 kind = "inferred from its tensor names" if layout.inferred else "mergekit's names"
+                other = other_names(layout, ref.names)
+                also = f"; or, all of them, {', '.join(other)}" if other else ""
                 raise PlanError(
                     f"modules.{module.name}: {ref_model} ({layout.architecture}) has no module "
-                    f"{module.name!r}; its modules ({kind}): {', '.join(layout.names)}"
+                    f"{module.name!r}; its modules ({kind}): {', '.join(layout.names)}{also}"
                 )
         for module in r.modules:
             self.method, self.scope = module.method, [module.parameters, r.parameters]
@@ -418,6 +421,9 @@ class _Planner:
                 )
         out_layer = 0
         source_layers: list[int] = []
+        # A module's output stack is its own: LiNeS scales by depth within it, not within
+        # the deepest stack of the whole model (the plan's num_layers).
+        depth = sum(sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0] for sl in slices)
         self._plan_outside_blocks(slices[0], pre=True, keep=keep)
         for sl in slices:
             base = sl.base_model or r.base_model
@@ -459,6 +465,7 @@ class _Planner:
                         [sl.parameters, *self.scope],
                         t,
                         out_layer,
+                        depth if keep is not None else None,
                     )
                 source_layers.append(src_layer)
                 out_layer += 1
