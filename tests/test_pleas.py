@@ -22,7 +22,15 @@ from graft.align import (
     random_permutation,
     weight_matching,
 )
-from graft.merge.pleas import Normal, fit_error, least_squares, partial_layout, pleas, zip_tensor
+from graft.merge.pleas import (
+    Normal,
+    fit_error,
+    least_squares,
+    partial_layout,
+    pleas,
+    pleas_many,
+    zip_tensor,
+)
 from graft.models.digits_net import (
     backbone_state,
     build_backbone,
@@ -167,6 +175,52 @@ def test_pleas_of_digits_model_and_its_permuted_copy_is_the_model(match, ratio):
             assert max(res.errors.values()) < 1e-6
 
 
+@pytest.mark.parametrize(
+    ("match", "ratio"), [("activation", 1.0), ("activation", 0.5), ("weight", 1.0)]
+)
+def test_pleas_of_a_model_and_two_permuted_copies_recovers_both_and_is_the_model(match, ratio):
+    model = _digits()
+    spec = permutation_spec(DIGITS, backbone_state(model))
+    p1, p2 = random_permutation(spec, seed=3), random_permutation(spec, seed=7)
+    copies = [_digits_copy(model, p, spec) for p in (p1, p2)]
+    x = torch.rand(300, 1, 8, 8)
+    res = pleas_many(
+        [model, *copies], spec, [{"x": x}], match=match, ratio=ratio, weights=[0.5, 0.3, 0.2],
+        ridge=1e-9,
+    )  # fmt: skip
+    for got, p in zip(res.all_perms, (p1, p2)):  # each copy matched back to the anchor
+        for g in p:
+            assert torch.equal(got[g], torch.argsort(p[g])), g
+    assert res.perms is res.all_perms[0]
+    width = res.widths.get("blocks.0.mlp", 32)
+    assert width == (32 if ratio == 1 else 16 + 3 * 16)  # k merged + 3 models' own n − k
+    merged = build_backbone(dict(DIGITS, intermediate_size=width)).eval()
+    merged.load_state_dict(res.state)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-4, rtol=0)
+    assert max(res.errors.values()) < 1e-6
+
+
+def test_pleas_many_of_two_is_pleas_and_bad_weights_are_refused():
+    model = _digits()
+    spec = permutation_spec(DIGITS, backbone_state(model))
+    other = _digits(1)
+    x = [{"x": torch.rand(100, 1, 8, 8)}]
+    one = pleas(model, other, spec, x, weight=0.3, ratio=0.5)
+    two = pleas_many([model, other], spec, x, weights=[0.3, 0.7], ratio=0.5)
+    assert one.state.keys() == two.state.keys()
+    for name in one.state:
+        assert torch.equal(one.state[name], two.state[name]), name
+    # the targets weigh each model by its share: swapping shares changes the merge
+    swapped = pleas_many([model, other], spec, x, weights=[0.7, 0.3], ratio=0.5)
+    assert not torch.equal(swapped.state["blocks.0.fc1.weight"], two.state["blocks.0.fc1.weight"])
+    for bad in ([0.5, 0.6], [1.0]):
+        with pytest.raises(ValueError, match="one weight per model summing to 1"):
+            pleas_many([model, other], spec, x, weights=bad)
+    with pytest.raises(ValueError, match="at least two models"):
+        pleas_many([model], spec, x)
+
+
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_pleas_of_bert_and_its_permuted_copy_is_the_model(ratio):
     model, config, cls = _bert()
@@ -223,28 +277,37 @@ def test_partial_layout_and_zip_by_hand():
     assert merged.tolist() == [0, 3] and kept.tolist() == [1, 2]
     a = torch.arange(8.0).reshape(4, 2)
     b = 10 * torch.ones(4, 2)
-    rows = zip_tensor(a, b, 0.25, [(0, (merged, kept))])  # output units of a Linear
+    rows = zip_tensor([a, b], [0.25, 0.75], [(0, (merged, kept))])  # output units of a Linear
     want = [[7.5, 7.75], [9.0, 9.25], [2, 3], [4, 5], [10, 10], [10, 10]]
     torch.testing.assert_close(rows, torch.tensor(want))
-    cols = zip_tensor(a.T, b.T, 0.25, [(1, (merged, kept))])  # input units: weighted sums
+    cols = zip_tensor([a.T, b.T], [0.25, 0.75], [(1, (merged, kept))])  # input units: weighted sums
     want = [[7.5, 9.0, 0.5, 1.0, 7.5, 7.5], [7.75, 9.25, 0.75, 1.25, 7.5, 7.5]]
     torch.testing.assert_close(cols, torch.tensor(want))
-    torch.testing.assert_close(zip_tensor(a, b, 0.25, []), 0.25 * a + 7.5)
+    torch.testing.assert_close(zip_tensor([a, b], [0.25, 0.75], []), 0.25 * a + 7.5)
+    # three models: merged units take the 3-way weighted mean, each model keeps its own
+    c = -torch.ones(4, 2)
+    rows = zip_tensor([a, b, c], [0.5, 0.25, 0.25], [(0, (merged, kept))])
+    want = [[2.25, 2.75], [5.25, 5.75], [2, 3], [4, 5], [10, 10], [10, 10], [-1, -1], [-1, -1]]
+    torch.testing.assert_close(rows, torch.tensor(want))
+    cols = zip_tensor([a.T, b.T, c.T], [0.5, 0.25, 0.25], [(1, (merged, kept))])
+    want = [[2.25, 5.25, 1.0, 2.0, 2.5, 2.5, -0.25, -0.25],
+            [2.75, 5.75, 1.5, 2.5, 2.5, 2.5, -0.25, -0.25]]  # fmt: skip
+    torch.testing.assert_close(cols, torch.tensor(want))
 
 
 # --- (c) different initialisations -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def two_seeds():
-    """Two digits models trained on one task from different initialisations (full-batch
+def seeds():
+    """Three digits models trained on one task from different initialisations (full-batch
     AdamW, single-threaded)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         X, y = task_data("rot90-digit", "train")
         out = []
-        for seed in (0, 1):
+        for seed in (0, 1, 2):
             torch.manual_seed(seed)
             net, head = build_backbone(DIGITS), nn.Linear(16, 10)
             out.append(train(net, head, X, y, epochs=30, lr=2e-2, batch_size=600, seed=seed))
@@ -253,9 +316,9 @@ def two_seeds():
     return out, X
 
 
-def test_different_initialisations_merge_far_better_with_pleas(two_seeds):
-    (a, ha), (b, hb) = two_seeds[0]
-    X = two_seeds[1]
+def test_different_initialisations_merge_far_better_with_pleas(seeds):
+    (a, ha), (b, hb) = seeds[0][:2]
+    X = seeds[1]
     Xt, yt = task_data("rot90-digit", "test")
     spec = permutation_spec(DIGITS, backbone_state(a))
 
@@ -278,6 +341,29 @@ def test_different_initialisations_merge_far_better_with_pleas(two_seeds):
     assert ls > naive + 0.15, (ls, naive)
     assert ls > wm + 0.08, (ls, wm)  # the least squares, not the permutation alone
     assert ls > own - 0.06, (ls, own)
+
+
+def test_three_initialisations_merge_far_better_with_pleas_than_averaged(seeds):
+    models, X = seeds
+    Xt, yt = task_data("rot90-digit", "test")
+    spec = permutation_spec(DIGITS, backbone_state(models[0][0]))
+    backbones, heads = [m for m, _ in models], [h for _, h in models]
+
+    def acc(backbone, head) -> float:
+        with torch.no_grad():
+            return float((head(backbone(Xt)).argmax(1) == yt).float().mean())
+
+    naive = acc(average(backbones), average(heads))
+    res = pleas_many(backbones, spec, [{"x": X}], match="weight", heads=heads)
+    m = build_backbone(DIGITS).eval()
+    m.load_state_dict(res.state)
+    h = nn.Linear(16, 10)
+    h.weight.data, h.bias.data = res.head
+    ls = acc(m, h)
+    own = min(acc(b, hd) for b, hd in models)
+    assert len(res.all_perms) == 2
+    assert ls > naive + 0.15, (ls, naive)
+    assert ls > own - 0.08, (ls, own)
 
 
 # --- (e) the CLI -----------------------------------------------------------------------
@@ -343,6 +429,43 @@ def test_cli_digits_end_to_end_and_bad_input(tmp_path):
     assert (
         code == 2 and "differ in tensor names or shapes" in err and not (tmp_path / "bad").exists()
     )
+
+
+def test_cli_merges_three_models_with_shares_and_refuses_bad_counts(tmp_path):
+    model = _digits()
+    spec = permutation_spec(DIGITS, backbone_state(model))
+    save_backbone(model, DIGITS, tmp_path / "a")
+    for name, seed in (("b", 5), ("c", 8)):
+        copy = _digits_copy(model, random_permutation(spec, seed=seed), spec)
+        save_backbone(copy, DIGITS, tmp_path / name)
+    x = np.random.default_rng(0).random((120, 1, 8, 8)).astype("float32")
+    np.savez(tmp_path / "d.npz", x=x)
+    three = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    code, out, err = run_cli(
+        "pleas", *three, "--data", tmp_path / "d.npz", "-o", tmp_path / "m",
+        "--ratio", "0.5", "--weights", "2,1,1", "--ridge", "1e-9", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["widths"] == {"blocks.0.mlp": 64, "blocks.1.mlp": 64}  # 16 + 3·16
+    merged, config = load_backbone(tmp_path / "m")
+    assert config["intermediate_size"] == 64
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(torch.from_numpy(x)), model(torch.from_numpy(x)), atol=1e-4, rtol=0
+        )
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "weights:\n- 0.5\n- 0.25\n- 0.25\n" in card  # the shares, normalised: 2/4, 1/4, 1/4
+    bad = [
+        ([*three, "--weights", "1,1"], "gives 2 shares for 3 models"),
+        ([*three, "--weight", "0.5"], "--weight is the first model's share"),
+        ([*three, "--weights", "1,x,1"], "numbers separated by commas"),
+        ([*three, "--weights", "1,-1,1"], "must be finite, >= 0"),
+        ([three[0]], "two or more models"),
+    ]
+    for args, message in bad:
+        code, _, err = run_cli("pleas", *args, "--data", tmp_path / "d.npz", "-o", tmp_path / "bad")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_cli_bert_end_to_end_and_unsupported(tmp_path):

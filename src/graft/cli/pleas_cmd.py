@@ -1,6 +1,6 @@
-"""``graft pleas A B --data FILE -o OUT``: PLeaS (Nasery et al. 2025) — merge two models
-trained from different initialisations: match their units by permutation, then solve
-each layer by least squares on the data (`graft.merge.pleas`)."""
+"""``graft pleas A B [C ...] --data FILE -o OUT``: PLeaS (Nasery et al. 2025) — merge
+models trained from different initialisations: match their units by permutation, then
+solve each layer by least squares on the data (`graft.merge.pleas`)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,14 @@ from graft.cli._safe import safe
 
 
 def pleas(
-    model_a: Annotated[Path, typer.Argument(help="Model A (its basis is the merged model's).")],
-    model_b: Annotated[Path, typer.Argument(help="Model B, permuted into A's basis.")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more models; the first one's basis is the merged model's, every "
+            "other one is permuted into it.",
+            show_default=False,
+        ),
+    ],
     data: Annotated[
         str,
         typer.Option(
@@ -51,8 +57,19 @@ def pleas(
         ),
     ] = 1.0,
     weight: Annotated[
-        float, typer.Option("--weight", help="Model A's share (B gets 1 − it).")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            "--weight", help="Two models: the first one's share (the second gets 1 − it)."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="Each model's share, comma-separated in the models' order (normalised to "
+            "sum 1); default equal.",
+        ),
+    ] = None,
     ridge: Annotated[
         float,
         typer.Option(
@@ -79,11 +96,12 @@ def pleas(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """PLeaS: merge two models from different initialisations (permute, then least squares).
+    """PLeaS: merge models from different initialisations (permute, then least squares).
 
     Supports GraftDigitsNet and BERT encoders (MiniLM). Heads (head.safetensors) of both
     models are merged too. OUT is a model folder transformers / graft loads.
     """
+    from graft.data import DataError
     from graft.merge._pleas_run import run_pleas
 
     if split not in ("test", "val", "train"):
@@ -94,14 +112,30 @@ def pleas(
     def bar(total: int):
         return count_progress("PLeaS", total, unit="steps", enabled=not (quiet or as_json))
 
+    if weight is not None and weights is not None:
+        raise DataError("give --weight (two models) or --weights (one share per model), not both")
+    shares = None
+    if weight is not None:
+        if len(models) != 2 or not 0 <= weight <= 1:
+            raise DataError(
+                f"--weight is the first model's share in [0, 1] for two models (got {weight} "
+                f"for {len(models)}); use --weights W1,W2,... for more"
+            )
+        shares = [weight, 1 - weight]
+    elif weights is not None:
+        try:
+            shares = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise DataError(
+                f"--weights takes numbers separated by commas, got {weights!r}"
+            ) from None
     report = run_pleas(
-        model_a,
-        model_b,
+        models,
         data,
         out,
         match=match,
         ratio=ratio,
-        weight=weight,
+        weights=shares,
         ridge=ridge,
         solve=not no_least_squares,
         options=data_options(text_column, text_pair_column, "label", limit, require_labels=False),
@@ -133,8 +167,9 @@ def pleas(
     worst = max(report.errors.values(), default=0.0)
     width = f", widths {report.widths}" if report.widths else ""
     Console().print(
-        f"PLeaS ({report.match} matching, ratio {report.ratio:g}) of {safe(str(model_a))} and "
-        f"{safe(str(model_b))} on {report.examples} examples into {safe(str(report.out))}"
+        f"PLeaS ({report.match} matching, ratio {report.ratio:g}) of "
+        f"{safe(', '.join(str(m) for m in models))} on {report.examples} examples into "
+        f"{safe(str(report.out))}"
         f"{safe(width)}; worst layer fit 1 − R² = {worst:.3f}"
         + (", head merged" if report.head else "")
     )

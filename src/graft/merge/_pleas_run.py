@@ -1,4 +1,5 @@
-"""``graft pleas``'s work: two model folders and a data set in, a merged model folder out.
+"""``graft pleas``'s work: two or more model folders and a data set in, a merged model
+folder out.
 
 Why not a ``graft merge`` recipe method: the engine streams tensors independently, but
 PLeaS solves layer ``l`` on the merged model's own activations, which depend on every
@@ -9,14 +10,16 @@ it supports are small encoders), run on the data, and the result written atomica
 Output: a folder ``transformers`` (BERT) or graft's digits loader reads — the merged
 backbone under A's tensor names, A's config (``intermediate_size`` widened when
 ``ratio < 1``), A's tokenizer files, a model card with the settings, and, when both
-models carry a head (``head.safetensors``), the merged head.
+models carry a head (``head.safetensors``), the merged head. More than two models merge
+into the first one's basis (`graft.merge.pleas.pleas_many`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +40,7 @@ from graft.io import (
     open_checkpoint,
     write_model_card,
 )
-from graft.merge.pleas import DEFAULT_RIDGE, MATCHES, pleas
+from graft.merge.pleas import DEFAULT_RIDGE, MATCHES, pleas_many
 
 
 @dataclass
@@ -67,14 +70,13 @@ def _backbone(runner: Runner) -> tuple[nn.Module, str]:
 
 
 def run_pleas(
-    model_a: str | os.PathLike,
-    model_b: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
     data: str,
     out: str | os.PathLike,
     *,
     match: str = "activation",
     ratio: float = 1.0,
-    weight: float = 0.5,
+    weights: Sequence[float] | None = None,
     ridge: float = DEFAULT_RIDGE,
     solve: bool = True,
     options: DataOptions | None = None,
@@ -86,7 +88,9 @@ def run_pleas(
     overwrite_anything: bool = False,
     progress_bar: Callable[[int], AbstractContextManager[Callable[[int], None]]] | None = None,
 ) -> PleasReport:
-    """Merge ``model_b`` into ``model_a`` with PLeaS on ``data`` and write ``out``.
+    """Merge ``models`` (two or more) into the first one's basis with PLeaS on ``data``
+    and write ``out``. ``weights``: each model's share (default equal), normalised to
+    sum 1.
 
     ``progress_bar(total)``: a context manager yielding a hook advanced once per step
     (the matching, each layer solved, the head).
@@ -100,28 +104,31 @@ def run_pleas(
         raise DataError(f"unknown --match {match!r}; valid: {', '.join(MATCHES)}")
     if not 0 < ratio <= 1:
         raise DataError(f"--ratio must be in (0, 1], got {ratio}; 1 merges every unit")
-    if not 0 <= weight <= 1:
-        raise DataError(f"--weight must be in [0, 1] (model A's share), got {weight}")
+    models = list(models)
+    if len(models) < 2:
+        raise DataError(f"PLeaS merges two or more models, got {len(models)}; name them all")
+    ws = _weights(weights, len(models))
     if ridge < 0:
         raise DataError(f"--ridge must be >= 0, got {ridge}")
     from graft.io import check_output
 
-    check_output(out, inputs=[model_a, model_b], force=force, overwrite_anything=overwrite_anything)
-    ra = load_runner(model_a, max_length=max_length)
-    rb = load_runner(model_b, max_length=max_length)
-    (ba, pa), (bb, _) = _backbone(ra), _backbone(rb)
+    check_output(out, inputs=models, force=force, overwrite_anything=overwrite_anything)
+    runners = [load_runner(m, max_length=max_length) for m in models]
+    backbones = [_backbone(r) for r in runners]
+    ra, (ba, pa) = runners[0], backbones[0]
     with open_checkpoint(ra.path) as ckpt:
         config, root, modules_root = ckpt.config, ckpt.root, ckpt.modules_root
     try:
-        spec = permutation_spec(config, ba.state_dict(), where=str(model_a))
+        spec = permutation_spec(config, ba.state_dict(), where=str(models[0]))
     except UnsupportedArchitecture as e:
         raise DataError(str(e)) from None
-    sa, sb = ba.state_dict(), bb.state_dict()
-    if {n: tuple(t.shape) for n, t in sa.items()} != {n: tuple(t.shape) for n, t in sb.items()}:
-        raise DataError(
-            f"{model_a} and {model_b} differ in tensor names or shapes; PLeaS merges two "
-            "models of one architecture and size"
-        )
+    shapes = {n: tuple(t.shape) for n, t in ba.state_dict().items()}
+    for path, (bb, _) in zip(models[1:], backbones[1:], strict=True):
+        if {n: tuple(t.shape) for n, t in bb.state_dict().items()} != shapes:
+            raise DataError(
+                f"{models[0]} and {path} differ in tensor names or shapes; PLeaS merges "
+                "models of one architecture and size"
+            )
     dataset = read_data(
         data, options or DataOptions(require_labels=False), zoo=default_zoo(data, zoo), split=split
     )
@@ -132,15 +139,15 @@ def run_pleas(
     ]
     warnings = []
     heads = None
-    ha, hb = getattr(ra.module, "head", None), getattr(rb.module, "head", None)
-    if (
-        isinstance(ha, nn.Linear)
-        and isinstance(hb, nn.Linear)
-        and ha.weight.shape == hb.weight.shape
-    ):
-        heads = (ha, hb)
-    elif isinstance(ha, nn.Linear) or isinstance(hb, nn.Linear):
-        warnings.append("only one model (or two of different sizes) has a head; no head is merged")
+    found = [getattr(r.module, "head", None) for r in runners]
+    linear = [h for h in found if isinstance(h, nn.Linear)]
+    if len(linear) == len(found) and len({tuple(h.weight.shape) for h in linear}) == 1:
+        heads = linear
+    elif linear:
+        warnings.append(
+            "not every model has a head of one size; no head is merged "
+            f"({len(linear)} of {len(found)} have one)"
+        )
     features = None
     if ra.kind == "transformers":
 
@@ -148,16 +155,15 @@ def run_pleas(
             hidden = m(**inputs).last_hidden_state
             return pool(hidden, inputs.get("attention_mask"), ra.pooling)
 
-    total = 1 + (len(spec.stages) if solve else 0) + (heads is not None)
+    total = len(models) - 1 + (len(spec.stages) if solve else 0) + (heads is not None)
     with progress_bar(total) if progress_bar else nullcontext(None) as tick:
-        result = pleas(
-            ba,
-            bb,
+        result = pleas_many(
+            [b for b, _ in backbones],
             spec,
             batches,
             match=match,
             ratio=ratio,
-            weight=weight,
+            weights=ws,
             ridge=ridge,
             solve=solve,
             heads=heads,
@@ -171,7 +177,7 @@ def run_pleas(
         "method": "pleas",
         "match": match,
         "ratio": ratio,
-        "weight": weight,
+        "weights": ws,
         "ridge": ridge,
         "least_squares": solve,
         "data": str(data),
@@ -189,7 +195,7 @@ def run_pleas(
         ra,
         result.head,
         settings,
-        [str(model_a), str(model_b)],
+        [str(m) for m in models],
         force,
         overwrite_anything,
     )
@@ -205,6 +211,19 @@ def run_pleas(
         time.time() - start,
         warnings,
     )
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Each model's share, normalised to sum 1 (default: equal)."""
+    if weights is None:
+        return [1.0 / n] * n
+    ws = [float(w) for w in weights]
+    if len(ws) != n:
+        raise DataError(f"--weights gives {len(ws)} shares for {n} models; give one per model")
+    if any(not math.isfinite(w) or w < 0 for w in ws) or sum(ws) <= 0:
+        raise DataError(f"--weights must be finite, >= 0 and not all 0, got {ws}")
+    total = sum(ws)
+    return [w / total for w in ws]
 
 
 def _save(

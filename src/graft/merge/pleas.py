@@ -57,6 +57,7 @@ Conventions that change results:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,21 +142,22 @@ def partial_layout(scores: torch.Tensor, ratio: float) -> tuple[torch.Tensor, to
 
 
 def zip_tensor(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    w: float,
-    partial: Sequence[tuple[int, tuple[torch.Tensor, torch.Tensor]]],
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    partial: Sequence[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = (),
 ) -> torch.Tensor:
-    """The step-2 merge of one tensor (B already permuted): the weighted average, with
-    each partial axis laid out ``[merged | A only | B only]`` (module docstring)."""
+    """The step-2 merge of one tensor, one per model (all permuted into A's basis): the
+    weighted average, with each partial axis laid out ``[merged | A only | B only | …]``
+    (module docstring)."""
+    pairs = list(zip(weights, tensors, strict=True))
     if not partial:
-        return w * a + (1 - w) * b
+        return sum(w * t for w, t in pairs)
     ((axis, (m, s)),) = partial  # a Linear has at most one partial axis in these specs
     pick = lambda t, i: t.index_select(axis, i)  # noqa: E731
-    merged = w * pick(a, m) + (1 - w) * pick(b, m)
+    merged = sum(w * pick(t, m) for w, t in pairs)
     if axis == 0:  # output units: kept rows are their model's own
-        return torch.cat([merged, pick(a, s), pick(b, s)], axis)
-    return torch.cat([merged, w * pick(a, s), (1 - w) * pick(b, s)], axis)
+        return torch.cat([merged, *(pick(t, s) for _, t in pairs)], axis)
+    return torch.cat([merged, *(w * pick(t, s) for w, t in pairs)], axis)
 
 
 # --- the driver -------------------------------------------------------------------------
@@ -168,9 +170,11 @@ class PleasResult:
     Attributes:
         state: the merged tensors, named as the input modules' state dicts.
         perms: per group, the permutation applied to B (``B[p[j]]`` ↦ unit ``j``).
-        widths: per partial group, its merged width (``k + 2(n − k)``).
+        widths: per partial group, its merged width (``k + N(n − k)`` for N models).
         errors: per solved layer, ``1 − R²`` of its least-squares fit on the data.
         head: the merged head ``(weight, bias)`` when heads were given.
+        all_perms: the permutations of every model after A, in order (``all_perms[0]``
+            is ``perms``).
     """
 
     state: dict[str, torch.Tensor]
@@ -178,6 +182,7 @@ class PleasResult:
     widths: dict[str, int] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
     head: tuple[torch.Tensor, torch.Tensor] | None = None
+    all_perms: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 def pleas(
@@ -203,7 +208,7 @@ def pleas(
         batches: model inputs (``module(**inputs)``); an ``attention_mask`` marks tokens.
         match: ``"activation"`` or ``"weight"``.
         ratio: fraction of each partial group's units merged (1: all).
-        weight: A's share of every average and target.
+        weight: A's share of every average and target (B gets ``1 − weight``).
         ridge: relative ridge of the least squares.
         solve: False stops after steps 1-2 (permute and average).
         heads: A's and B's linear heads on the models' features, merged too.
@@ -214,52 +219,108 @@ def pleas(
     Returns:
         The merge (`PleasResult`).
     """
+    return pleas_many(
+        [module_a, module_b],
+        spec,
+        batches,
+        match=match,
+        ratio=ratio,
+        weights=[weight, 1 - weight],
+        ridge=ridge,
+        solve=solve,
+        heads=heads,
+        features=features,
+        progress=progress,
+    )
+
+
+def pleas_many(
+    modules: Sequence[nn.Module],
+    spec: PermutationSpec,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    match: str = "activation",
+    ratio: float = 1.0,
+    weights: Sequence[float] | None = None,
+    ridge: float = DEFAULT_RIDGE,
+    solve: bool = True,
+    heads: Sequence[nn.Linear] | None = None,
+    features: Features | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PleasResult:
+    """PLeaS over N ≥ 2 models, merged into the first one's basis.
+
+    The paper merges two models; graft's extension to N keeps every step and anchors them
+    on model 1 (A): each other model is matched to A and permuted into A's basis (no
+    model is matched to another non-anchor one), every average and least-squares target
+    is the ``weights``-weighted mean over all N models, and a partial group merges the
+    ``round(ratio·n)`` units whose matches score highest on average over the N − 1
+    matchings, keeping the other units from every model (``[merged | A only | B only |
+    C only …]``, width ``k + N(n − k)``). With two models this is `pleas` exactly.
+
+    Args:
+        modules: the models (same architecture and sizes), in eval mode; A first.
+        weights: each model's share (default equal); they must sum to 1.
+        heads: one linear head per model, merged too.
+        (the rest as `pleas`; ``progress`` is called once per matching.)
+    """
+    modules = list(modules)
+    n = len(modules)
+    if n < 2:
+        raise ValueError(f"PLeaS merges at least two models, got {n}")
+    ws = [1.0 / n] * n if weights is None else [float(w) for w in weights]
+    if len(ws) != n or abs(sum(ws) - 1.0) > 1e-6:
+        raise ValueError(f"PLeaS needs one weight per model summing to 1, got {ws}")
+    if heads is not None and len(heads) != n:
+        raise ValueError(f"PLeaS needs one head per model, got {len(heads)} for {n}")
     batches = list(batches)
     tick = progress or (lambda n: None)
-    sa, sb = module_a.state_dict(), module_b.state_dict()
-    if match == "weight":
-        perms, scores = weight_matching(spec, sa, sb)
-    else:
-        perms, scores = activation_matching(spec, correlations(spec, module_a, module_b, batches))
-    tick(1)
-    aligned = permute(sb, spec, perms)
-    model_b = copy.deepcopy(module_b)
-    model_b.load_state_dict(aligned)
+    anchor = modules[0]
+    states = [m.state_dict() for m in modules]
+    all_perms, all_scores = [], []
+    for other, state in zip(modules[1:], states[1:], strict=True):
+        if match == "weight":
+            perms, scores = weight_matching(spec, states[0], state)
+        else:
+            perms, scores = activation_matching(spec, correlations(spec, anchor, other, batches))
+        all_perms.append(perms)
+        all_scores.append(scores)
+        tick(1)
+    aligned = [states[0]] + [
+        permute(st, spec, p) for st, p in zip(states[1:], all_perms, strict=True)
+    ]
+    models = [anchor]
+    for module, state in zip(modules[1:], aligned[1:], strict=True):
+        model = copy.deepcopy(module)
+        model.load_state_dict(state)
+        models.append(model)
     layouts = {}
     if ratio < 1:
-        layouts = {
-            g: partial_layout(scores[g], ratio) for g, grp in spec.groups.items() if grp.partial
-        }
+        for g, grp in spec.groups.items():
+            if grp.partial:
+                mean = torch.stack([sc[g].double() for sc in all_scores]).mean(0)
+                layouts[g] = partial_layout(mean, ratio)
     state = {}
-    for name, a in sa.items():
+    for name, a in states[0].items():
         part = [(ax, layouts[g]) for g, ax in spec.axes_of(name) if g in layouts]
-        fp = a.is_floating_point()
-        state[name] = zip_tensor(a, aligned[name], weight, part) if fp else a
-    merged = copy.deepcopy(module_a)
+        if a.is_floating_point():
+            state[name] = zip_tensor([al[name] for al in aligned], ws, part)
+        else:
+            state[name] = a
+    merged = copy.deepcopy(anchor)
     _load(merged, state)
-    result = PleasResult(state, perms, {g: len(m) + 2 * len(s) for g, (m, s) in layouts.items()})
+    widths = {g: len(m) + n * len(s) for g, (m, s) in layouts.items()}
+    result = PleasResult(state, all_perms[0], widths, all_perms=all_perms)
     if solve:
         for stage in spec.stages:
-            _solve_stage(
-                merged, module_a, model_b, spec, stage, layouts, batches, weight, ridge, result
-            )
+            _solve_stage(merged, models, spec, stage, layouts, batches, ws, ridge, result)
             tick(1)
     if heads is not None:
         result.head = _merge_heads(
-            merged,
-            module_a,
-            module_b,
-            heads,
-            perms,
-            batches,
-            weight,
-            ridge,
-            solve,
-            features,
-            result,
+            merged, modules, heads, all_perms, batches, ws, ridge, solve, features, result
         )
         tick(1)
-    result.state = {n: t.detach().clone() for n, t in merged.state_dict().items()}
+    result.state = {k: t.detach().clone() for k, t in merged.state_dict().items()}
     return result
 
 
@@ -279,32 +340,31 @@ def _load(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             mod.out_features, mod.in_features = t.shape
 
 
-def _target(name, spec, layouts, ya, yb, w) -> torch.Tensor:
+def _target(name, spec, layouts, ys, ws) -> torch.Tensor:
     groups = [g for g, ax in spec.axes_of(f"{name}.weight") if ax == 0 and g in layouts]
     if not groups:
-        return w * ya + (1 - w) * yb
+        return sum(w * y for w, y in zip(ws, ys, strict=True))
     m, s = layouts[groups[0]]
-    return torch.cat([w * ya[:, m] + (1 - w) * yb[:, m], ya[:, s], yb[:, s]], 1)
+    return torch.cat(
+        [sum(w * y[:, m] for w, y in zip(ws, ys, strict=True)), *(y[:, s] for y in ys)], 1
+    )
 
 
-def _solve_stage(merged, model_a, model_b, spec, stage, layouts, batches, w, ridge, result):
+def _solve_stage(merged, models, spec, stage, layouts, batches, ws, ridge, result):
     sites_in = [(n, "in") for n in stage]
     sites_out = [(n, "out") for n in stage]
     normals: dict[str, Normal] = {}
-    with (
-        capture(merged, sites_in, stop=True) as got_m,
-        capture(model_a, sites_out, stop=True) as got_a,
-        capture(model_b, sites_out, stop=True) as got_b,
-    ):
+    with contextlib.ExitStack() as stack:
+        got_m = stack.enter_context(capture(merged, sites_in, stop=True))
+        got = [stack.enter_context(capture(m, sites_out, stop=True)) for m in models]
         for inputs in batches:
             run(merged, inputs, got_m)
-            run(model_a, inputs, got_a)
-            run(model_b, inputs, got_b)
+            for model, store in zip(models, got, strict=True):
+                run(model, inputs, store)
             mask = inputs.get("attention_mask")
             for n in stage:
                 x = rows(got_m[(n, "in")], mask)
-                ya, yb = rows(got_a[(n, "out")], mask), rows(got_b[(n, "out")], mask)
-                t = _target(n, spec, layouts, ya, yb, w)
+                t = _target(n, spec, layouts, [rows(g[(n, "out")], mask) for g in got], ws)
                 normals.setdefault(n, Normal(x.shape[1], t.shape[1])).add(x, t)
     for n in stage:
         W, b = least_squares(normals[n].gram, normals[n].cross, ridge=ridge)
@@ -313,20 +373,21 @@ def _solve_stage(merged, model_a, model_b, spec, stage, layouts, batches, w, rid
         _load(lin, {"weight": W.to(lin.weight.dtype), "bias": b.to(lin.weight.dtype)})
 
 
-def _merge_heads(
-    merged, model_a, model_b, heads, perms, batches, w, ridge, solve, features, result
-):
-    head_a, head_b = heads
-    if not solve:
-        res = perms["residual"]
-        weight = w * head_a.weight + (1 - w) * head_b.weight.index_select(1, res)
-        return weight.detach().clone(), (w * head_a.bias + (1 - w) * head_b.bias).detach().clone()
+def _merge_heads(merged, modules, heads, all_perms, batches, ws, ridge, solve, features, result):
+    if not solve:  # the heads' input columns follow each model's residual permutation
+        cols = [None] + [p["residual"] for p in all_perms]
+        weight = sum(
+            w * (h.weight if c is None else h.weight.index_select(1, c))
+            for w, h, c in zip(ws, heads, cols, strict=True)
+        )
+        bias = sum(w * h.bias for w, h in zip(ws, heads, strict=True))
+        return weight.detach().clone(), bias.detach().clone()
     feats = features or (lambda module, inputs: module(**inputs))
     normal = None
     with torch.no_grad():
         for inputs in batches:
             x = feats(merged, inputs)
-            t = w * head_a(feats(model_a, inputs)) + (1 - w) * head_b(feats(model_b, inputs))
+            t = sum(w * h(feats(m, inputs)) for w, h, m in zip(ws, heads, modules, strict=True))
             normal = normal or Normal(x.shape[1], t.shape[1])
             normal.add(x, t)
     W, b = least_squares(normal.gram, normal.cross, ridge=ridge)
