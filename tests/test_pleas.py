@@ -188,7 +188,7 @@ def test_pleas_of_a_model_and_two_permuted_copies_recovers_both_and_is_the_model
         [model, *copies], spec, [{"x": x}], match=match, ratio=ratio, weights=[0.5, 0.3, 0.2],
         ridge=1e-9,
     )  # fmt: skip
-    for got, p in zip(res.all_perms, (p1, p2)):  # each copy matched back to the anchor
+    for got, p in zip(res.all_perms, (p1, p2), strict=True):  # each copy matched back to the anchor
         for g in p:
             assert torch.equal(got[g], torch.argsort(p[g])), g
     assert res.perms is res.all_perms[0]
