@@ -9,8 +9,8 @@ own test models: a 2-layer "picollama", hidden 32, 16 heads). Every recipe is pl
 (``--dry-run``); the examples, the tokenizer and chat-template recipes and a
 representative half of the basic-merge recipes (`MERGED`) are merged too; where a recipe
 fixes a value (an endpoint of a gradient, a layer copy, a zeroed projection, a token's
-row), it is asserted. Not reproduced: the VLM (LLaVA) variants
-of test_basic_merges and the full-size GPT-2 (a 3-layer GPT-2 stands in).
+row), it is asserted. test_basic_merges' VLM variants run on mergekit's picoLlaVa models.
+Not reproduced: the full-size GPT-2 (a 3-layer GPT-2 stands in).
 
 Cases where mergekit fails, and graft too: ``della`` with ``epsilon`` 1.35 (mergekit raises
 ValueError; graft: a one-line error). mergekit's ``test_legacy_mode`` (models with 64 and
@@ -319,6 +319,57 @@ def test_mergekit_basic_merge_recipes_run(zoo, tmp_path, case):
         a, b = _state(zoo["model_a"]), _state(zoo["model_b"])
         n = "model.layers.0.mlp.up_proj.weight"
         assert not torch.equal(got[n], a[n].bfloat16()) and not torch.equal(got[n], b[n].bfloat16())
+
+
+def pico_llava(path, seed):
+    """mergekit's tests/common.py make_picoLlaVa sizes (CLIP vision tower, Llama text)."""
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(
+        image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=64, intermediate_size=128,
+    )  # fmt: skip
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
+        num_hidden_layers=2,
+    )  # fmt: skip
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vlm_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mkvlm")
+    return {f"vlm_{k}": pico_llava(root / f"vlm_{k}", seed=20 + i) for i, k in enumerate("abc")}
+
+
+# test_basic_merges' VLM variants: the same recipes on picoLlaVa models (models: form).
+VLM_CASES = ("linear", "slerp", "nuslerp-False-False-False", "nuslerp-False-True-True",
+             "nuslerp-True-False-True", "nuslerp-True-True-False", "nuslerp-zero-sum",
+             "task_arithmetic", "breadcrumbs", "ties", "dare_ties", "model_stock",
+             "model_stock-filterwise")  # fmt: skip
+VLM_MERGED = {"linear", "ties", "model_stock", "nuslerp-zero-sum"}
+
+
+@pytest.mark.parametrize("case", VLM_CASES)
+def test_mergekit_basic_merge_recipes_run_on_vlms(vlm_zoo, tmp_path, case):
+    text = BASIC[case].replace("$model_", "$vlm_")
+    plan, out = _run(tmp_path, text, vlm_zoo, merge=case in VLM_MERGED)
+    a = _state(vlm_zoo["vlm_a"])
+    assert plan["output"]["tensors"] == len(a)
+    if out is None:
+        return
+    got = _state(out)
+    assert sorted(got) == sorted(a)
+    assert all(torch.isfinite(t.float()).all() for t in got.values())
+    if case == "linear":  # weights 0.6 / 0.4 in both towers and the projector
+        b = _state(vlm_zoo["vlm_b"])
+        for name in ("language_model.model.layers.1.mlp.up_proj.weight",
+                     "vision_tower.encoder.layers.1.mlp.fc1.weight",
+                     "multi_modal_projector.linear_1.weight"):  # fmt: skip
+            want = 0.6 * a[name].float() + 0.4 * b[name].float()
+            torch.testing.assert_close(got[name].float(), want, rtol=1e-2, atol=1e-3)
+    transformers.LlavaForConditionalGeneration.from_pretrained(out)
 
 
 def test_mergekit_gpt2_copy_and_stack(hf_family, tmp_path):
