@@ -39,7 +39,7 @@ def pleas(
         str,
         typer.Option(
             "--data",
-            help="Inputs both models run on (labels are not read): .csv/.jsonl (text "
+            help="Inputs every model runs on (labels are not read): .csv/.jsonl (text "
             "column), .npz, image folder, or task:NAME.",
         ),
     ],
@@ -53,7 +53,7 @@ def pleas(
         typer.Option(
             "--ratio",
             help="Fraction of each MLP/FFN layer's units merged; the rest are kept from "
-            "both models, widening intermediate_size (1 merges all).",
+            "every model, widening intermediate_size (1 merges all).",
         ),
     ] = 1.0,
     weight: Annotated[
@@ -98,8 +98,8 @@ def pleas(
 ) -> None:
     """PLeaS: merge models from different initialisations (permute, then least squares).
 
-    Supports GraftDigitsNet and BERT encoders (MiniLM). Heads (head.safetensors) of both
-    models are merged too. OUT is a model folder transformers / graft loads.
+    Supports GraftDigitsNet and BERT encoders (MiniLM). Heads (head.safetensors) of every
+    model are merged too. OUT is a model folder transformers / graft loads.
     """
     from graft.data import DataError
     from graft.merge._pleas_run import run_pleas
