@@ -27,6 +27,7 @@ from graft.cli import (
 )
 from graft.cli.continual_cmd import continual_app
 from graft.cli.distill_cmd import distill as distill_command
+from graft.cli.distill_cmd import sft as sft_command
 from graft.cli.distill_cmd import update as update_command
 from graft.cli.twin_cmd import twin as twin_command
 from graft.cli.zoo_build_cmd import build as zoo_build
@@ -74,6 +75,7 @@ app.command("check")(check_cmd.check)
 app.command("lint")(lint_cmd.lint)
 app.command("distill")(distill_command)
 app.command("update")(update_command)
+app.command("sft")(sft_command)
 app.command("diff")(delta_cmds.diff)
 app.command("apply")(delta_cmds.apply)
 app.command("transfer")(delta_cmds.transfer)

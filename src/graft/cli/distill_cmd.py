@@ -374,3 +374,121 @@ def update(
     if "nfr_reduction" in report:
         console.print(f"negative flips vs plain fine-tuning: {-report['nfr_reduction']:+.1%}")
     _print_written(console, report["out"], n)
+
+
+def sft(
+    model: Annotated[Path, typer.Argument(help="The model to fine-tune (θ₀).")],
+    data: DataReq,
+    out: OutOpt,
+    density: Annotated[
+        float,
+        typer.Option("--density", help="Share of the backbone's entries left free (top-K)."),
+    ] = 0.05,
+    patch: Annotated[
+        Path | None,
+        typer.Option(
+            "--patch",
+            help="Also write OUT − MODEL as a sparse graft patch (lossless), for "
+            "`graft apply MODEL PATCH... -o ...` to compose.",
+        ),
+    ] = None,
+    eval_data: EvalDataOpt = None,
+    holdout: HoldoutOpt = 0.2,
+    head: Annotated[
+        Path | None, typer.Option("--head", help="MODEL's head (file or folder).")
+    ] = None,
+    steps: StepsOpt = 200,
+    reset_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--reset-steps", min=1, help="Steps of the sparse re-training (default --steps)."
+        ),
+    ] = None,
+    lr: LrOpt = 1e-4,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 0,
+    zoo: ZooOpt = None,
+    split: SplitOpt = "train",
+    text_column: TextColumnOpt = "text",
+    text_pair_column: PairColumnOpt = None,
+    label_column: LabelColumnOpt = "label",
+    limit: LimitOpt = None,
+    max_length: MaxLengthOpt = None,
+    pooling: PoolingOpt = None,
+    force: ForceOpt = False,
+    force_any: ForceAnyOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Lottery-ticket sparse fine-tuning (LT-SFT, Ansell et al. 2022): fine-tune MODEL
+    fully, keep the --density share of backbone entries that moved most, reset, and
+    re-train only those. Writes the model to OUT and, with --patch, its sparse difference
+    from MODEL; several such patches (a task's, a domain's) compose with `graft apply`.
+    """
+    from graft.data import DataError, predict
+    from graft.distill import save_trained
+    from graft.distill.sft import lt_sft
+
+    if not 0 < density <= 1:
+        raise DataError(f"--density must be in (0, 1], got {density}")
+    inputs, train, held, (runner,) = _prepare(
+        [(model, head, "model")], data, eval_data, holdout, seed, split, zoo,
+        lambda: data_options(text_column, text_pair_column, label_column, limit),
+        out=out, force=force, force_any=force_any, pooling=pooling, max_length=max_length,
+    )  # fmt: skip
+    if patch is not None:
+        from graft.delta._common import file_output
+        from graft.io import check_output
+
+        check_output(file_output(patch), inputs=inputs, force=force or force_any)
+    train = runner.prepare(train)
+    held = runner.prepare(held)
+    bars = lambda label, k, unit: count_progress(label, k, unit=unit, enabled=not quiet)  # noqa: E731
+
+    def accuracy() -> float:
+        return float((predict(runner, held).argmax(1) == held.labels).mean())
+
+    before = accuracy()
+    report = lt_sft(
+        runner, train, density=density, steps=steps, reset_steps=reset_steps, lr=lr,
+        batch_size=batch_size, seed=seed, progress=bars,
+    )  # fmt: skip
+    report.pop("masks")
+    report.update(before=before, after=accuracy(), held_out=held.name, n=len(held))
+    models = {"model": str(model)}
+    save_trained(
+        runner, out, sources=[str(model)], card_yaml=_card("sft", models, data, report),
+        title=f"graft sft (LT-SFT, density {density:g}) of {model.name}", inputs=inputs,
+        force=force or force_any, overwrite_anything=force_any,
+    )  # fmt: skip
+    if patch is not None:
+        report["patch"] = str(_write_patch(Path(out), model, patch, force or force_any))
+    report.update(models, data=data, out=str(out))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        return
+    console = Console()
+    console.print(
+        f"LT-SFT of {safe(str(model))}: {report['kept']:,} of {report['backbone_entries']:,} "
+        f"backbone entries free ({density:.2%}), {report['changed']:,} changed; accuracy on "
+        f"{safe(report['held_out'])} {before:.2%} -> {report['after']:.2%}"
+    )
+    if patch is not None:
+        console.print(f"patch written to {safe(report['patch'])}")
+    _print_written(console, report["out"], runner)
+
+
+def _write_patch(out: Path, model: Path, patch: Path, force: bool) -> Path:
+    """OUT − MODEL as a ``nonzero`` patch: a dense delta in a temp folder, then compressed."""
+    import tempfile
+
+    from graft.delta import get_compressor
+    from graft.delta._common import file_output
+    from graft.delta.compress import compress
+    from graft.delta.passes import diff
+
+    with tempfile.TemporaryDirectory(prefix=".graft-sft-", dir=out.parent) as tmp:
+        dense = Path(tmp) / "delta.safetensors"
+        diff(out, model, dense)
+        compress(dense, patch, method=get_compressor("nonzero"), params={}, force=force)
+    return file_output(patch)

@@ -1,5 +1,5 @@
 """Deltas between checkpoints: diff, apply, transfer across base versions, compressed
-patches (ComPEFT, DARE, low-rank) and LoRA adapters in and out.
+patches (ComPEFT, DARE, low-rank, lossless non-zeros) and LoRA adapters in and out.
 
 Compressors live one per module; this module lists them explicitly and ``get_compressor``
 is the one lookup, whose error names every valid method.
@@ -7,7 +7,7 @@ is the one lookup, whose error names every valid method.
 
 from __future__ import annotations
 
-from graft.delta import compeft, dare, lowrank
+from graft.delta import compeft, dare, lowrank, nonzero
 from graft.delta._spec import Compressor
 from graft.delta.patch import Delta, DeltaError, open_delta
 
@@ -15,6 +15,7 @@ COMPRESSORS: dict[str, Compressor] = {
     "compeft": compeft.SPEC,
     "dare": dare.SPEC,
     "lowrank": lowrank.SPEC,
+    "nonzero": nonzero.SPEC,
 }
 
 
