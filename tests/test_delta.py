@@ -212,8 +212,9 @@ def test_compeft_hand_computed():
 
 @pytest.mark.parametrize(
     "method,params",
-    [("compeft", {"density": 1.0, "quantize": False}), ("dare", {"density": 1.0, "seed": 3})],
-)
+    [("compeft", {"density": 1.0, "quantize": False}), ("dare", {"density": 1.0, "seed": 3}),
+     ("nonzero", {})],
+)  # fmt: skip
 def test_density_one_without_quantization_is_lossless(pair, tmp_path, method, params):
     base_p, ft_p, _, ft = pair
     passes.diff(ft_p, base_p, tmp_path / "d.safetensors")
@@ -232,7 +233,7 @@ def test_density_one_without_quantization_is_lossless(pair, tmp_path, method, pa
 def test_every_compressor_round_trips_through_apply_and_is_deterministic(pair, tmp_path, method):
     base_p, ft_p, base, ft = pair
     passes.diff(ft_p, base_p, tmp_path / "d.safetensors")
-    params = {"rank": 4} if method == "lowrank" else {"density": 0.5}
+    params = {"rank": 4} if method == "lowrank" else {} if method == "nonzero" else {"density": 0.5}
     for name in ("p1", "p2"):
         passes.compress(
             tmp_path / "d.safetensors",
@@ -248,6 +249,17 @@ def test_every_compressor_round_trips_through_apply_and_is_deterministic(pair, t
     for k in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
         err = (out[k] - ft[k]).norm() / (ft[k] - base[k]).norm()
         assert 0 <= err < (1.01 if method != "dare" else 1.5), (k, err)
+
+
+def test_nonzero_patch_stores_only_the_changed_entries():
+    from graft.delta.codecs import decode
+    from graft.delta.nonzero import nonzero
+
+    delta = torch.tensor([0.0, 1.5, -0.0, -2.0, 0.0, 0.25])
+    codec, parts = nonzero(delta, value_dtype=torch.float32)
+    assert codec == "sparse" and parts["values"].tolist() == [1.5, -2.0, 0.25]
+    assert parts["mask"].tolist() == [0b01010100]
+    assert torch.equal(decode(codec, parts, (6,)), delta.abs() * delta.sign())
 
 
 def test_compeft_patch_is_really_bits_on_disk(tmp_path):
