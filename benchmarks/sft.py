@@ -11,8 +11,11 @@ setting is two patches, a task's and a language's), each task's accuracy average
 6 pairs it is in. Test accuracy, mean over the tasks.
 
     python benchmarks/sft.py [--root ~/.cache/graft/bench/digits-zoo-s0] [--density 0.05 0.01]
+    python benchmarks/sft.py --root ~/.cache/graft/bench/text-zoo-s0 --tasks A B C \
+        --density 0.05 --steps 150 --batch-size 16 --lr 3e-4 --threads 2
 
-Results go to benchmarks/results/sft-digits.json; docs/transfer-compress.md quotes them.
+Results go to benchmarks/results/sft-<digits|text>.json; docs/transfer-compress.md
+quotes them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ def main() -> None:
     ap.add_argument("--density", type=float, nargs="+", default=[0.05, 0.01])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "sft-digits.json")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tasks", nargs="+", default=None, help="a subset of the zoo's tasks")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="default: results/sft-<zoo>.json")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from graft.data import DataOptions, load_runner, predict, read_data
     from graft.data.train import trained_state
     from graft.distill.sft import lt_sft
@@ -47,7 +53,10 @@ def main() -> None:
 
     start = time.time()
     root = args.root
-    tasks = json.loads((root / "manifest.json").read_text())["build_config"]["tasks"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    tasks = args.tasks or manifest["build_config"]["tasks"]
+    kind = "digits" if manifest["format"] == "graft-digits-zoo" else "text"
+    out_path = args.out or HERE / "results" / f"sft-{kind}.json"
 
     def data(task, split):
         return read_data(f"task:{task}", DataOptions(), zoo=root, split=split)
@@ -93,7 +102,7 @@ def main() -> None:
             runner = load_runner(root / "base", head=root / "probe_heads" / f"{t}.safetensors")
             train = runner.prepare(data(t, "train"))
             rep = lt_sft(runner, train, density=density, steps=args.steps, lr=args.lr,
-                         batch_size=64, seed=0)  # fmt: skip
+                         batch_size=args.batch_size, seed=0)  # fmt: skip
             state = trained_state(runner, base)
             phis[t] = {n: state[n].float() - base[n] for n in base}
             sft_heads[t] = runner.module.head
@@ -135,18 +144,19 @@ def main() -> None:
         "tasks": tasks,
         "steps": args.steps,
         "lr": args.lr,
+        "batch_size": args.batch_size,
         "rows": {k: {**v, "mean": float(np.mean(list(v.values())))} for k, v in rows.items()},
         "overlap": details,
         "seconds": time.time() - start,
         "machine": f"{platform.node()} ({platform.machine()}), torch {torch.__version__}, 1 thread",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2) + "\n")
     print("| method | " + " | ".join(tasks) + " | mean |\n|---|" + "---|" * (len(tasks) + 1))
     for name, r in doc["rows"].items():
         print(f"| {name} | " + " | ".join(f"{100 * r[t]:.1f}" for t in tasks)
               + f" | {100 * r['mean']:.1f} |")  # fmt: skip
-    print(json.dumps(details), f"\nwrote {args.out} in {doc['seconds']:.0f}s")
+    print(json.dumps(details), f"\nwrote {out_path} in {doc['seconds']:.0f}s")
 
 
 if __name__ == "__main__":
