@@ -111,7 +111,6 @@ class ModuleLayout:
     architecture: str
     modules: tuple[ModuleDef, ...]
     inferred: bool = False
-    renamed: tuple[tuple[str, str], ...] = ()  # inferred: (stack prefix, the recipe's name)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -125,8 +124,9 @@ class ModuleLayout:
             block = split_block_name(tensor)
             if block is None or len(self.modules) == 1:
                 return DEFAULT
-            stack = block.prefix.removesuffix(".")
-            return dict(self.renamed).get(stack, stack)
+            # an inferred module holds one stack, named after it or as the recipe spells it
+            found = (m.name for m in self.modules if block.prefix in m.prefixes)
+            return next(found, block.prefix.removesuffix("."))
         best, length = None, -1
         for m in self.modules:
             for p in m.prefixes:
@@ -161,17 +161,13 @@ def recipe_layout(
     if not layout.inferred and layout.architecture not in GRAFT_ONLY:
         return layout  # mergekit uses its template too, and fails the same way
     inferred = inferred_layout(layout.architecture, names)
-    renamed = []
-    for module in inferred.modules:
-        spelled = _spellings(module.name + ".")
-        match = next((w for w in wanted if w + "." in spelled), None)
-        if match is not None and match != module.name:
-            renamed.append((module.name, match))
-    rename = dict(renamed)
-    mods = tuple(
-        ModuleDef(rename.get(m.name, m.name), m.prefixes, m.depth) for m in inferred.modules
-    )
-    result = ModuleLayout(inferred.architecture, mods, inferred=True, renamed=tuple(renamed))
+
+    def spelled(module: ModuleDef) -> str:  # the recipe's spelling of this stack, if any
+        forms = _spellings(module.name + ".")
+        return next((w for w in wanted if w + "." in forms), module.name)
+
+    mods = tuple(ModuleDef(spelled(m), m.prefixes, m.depth) for m in inferred.modules)
+    result = ModuleLayout(inferred.architecture, mods, inferred=True)
     found = lambda lay: sum(w in lay.names for w in wanted)  # noqa: E731
     return result if found(result) > found(layout) else layout  # the nearer, for the error
 
