@@ -425,12 +425,11 @@ def sft(
     re-train only those. Writes the model to OUT and, with --patch, its sparse difference
     from MODEL; several such patches (a task's, a domain's) compose with `graft apply`.
     """
-    from graft.data import DataError, predict
+    from graft.data import predict
     from graft.distill import save_trained
-    from graft.distill.sft import lt_sft
+    from graft.distill.sft import check_density, lt_sft
 
-    if not 0 < density <= 1:
-        raise DataError(f"--density must be in (0, 1], got {density}")
+    check_density(density)  # before the data and the model are read
     inputs, train, held, (runner,) = _prepare(
         [(model, head, "model")], data, eval_data, holdout, seed, split, zoo,
         lambda: data_options(text_column, text_pair_column, label_column, limit),

@@ -29,6 +29,7 @@ import torch
 
 from graft.data import DataError, Dataset, Runner
 from graft.data.train import finetune
+from graft.delta._spec import check_density as density_problem
 from graft.distill.run import ProgressFactory, _no_bar, saved_parameters
 
 
@@ -47,6 +48,12 @@ def top_k_mask(moved: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Ten
         out[n] = keep[start : start + size].view(moved[n].shape)
         start += size
     return out
+
+
+def check_density(density: float) -> None:
+    """Raises `DataError` unless ``density`` is in (0, 1] (`graft.delta`'s bound)."""
+    if (problem := density_problem(density)) is not None:
+        raise DataError(f"--{problem}")
 
 
 def lt_sft(
@@ -70,8 +77,7 @@ def lt_sft(
     Raises:
         DataError: density outside (0, 1], unlabelled data, bad steps.
     """
-    if not 0 < density <= 1:
-        raise DataError(f"--density must be in (0, 1], got {density}")
+    check_density(density)
     if data.labels is None:
         raise DataError(f"{data.name} has no labels; sparse fine-tuning trains on labels")
     reset_steps = steps if reset_steps is None else reset_steps
