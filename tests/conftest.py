@@ -94,3 +94,21 @@ def hf_family(tmp_path_factory):
         fam[kind] = (base, ft1, ft2)
     make_hf_model("llama", root / "llama-base-sharded", seed=1, shard="20KB")
     return fam, root
+
+
+def make_llava(path: Path, seed: int) -> Path:
+    """A tiny LLaVA (CLIP vision tower, Llama text) with random weights, at mergekit's own
+    test sizes (tests/common.py make_picoLlaVa): 2 text blocks, 2 vision blocks."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(
+        image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=64, intermediate_size=128,
+    )  # fmt: skip
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
+        num_hidden_layers=2,
+    )  # fmt: skip
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
+    return path

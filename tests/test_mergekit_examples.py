@@ -30,7 +30,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import make_llava, run_cli
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -321,26 +321,10 @@ def test_mergekit_basic_merge_recipes_run(zoo, tmp_path, case):
         assert not torch.equal(got[n], a[n].bfloat16()) and not torch.equal(got[n], b[n].bfloat16())
 
 
-def pico_llava(path, seed):
-    """mergekit's tests/common.py make_picoLlaVa sizes (CLIP vision tower, Llama text)."""
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(
-        image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
-        hidden_size=64, intermediate_size=128,
-    )  # fmt: skip
-    text = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16,
-        num_hidden_layers=2,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
-    transformers.LlavaForConditionalGeneration(config).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def vlm_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("mkvlm")
-    return {f"vlm_{k}": pico_llava(root / f"vlm_{k}", seed=20 + i) for i, k in enumerate("abc")}
+    return {f"vlm_{k}": make_llava(root / f"vlm_{k}", seed=20 + i) for i, k in enumerate("abc")}
 
 
 # test_basic_merges' VLM variants: the same recipes on picoLlaVa models (models: form).

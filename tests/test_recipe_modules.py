@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from conftest import make_llava, run_cli
 from graft.plan.modules import module_layout
 
 TEXT_LAYERS, VISION_LAYERS = 3, 2
@@ -437,29 +437,11 @@ def test_lines_in_a_sliced_module_scales_by_depth_within_that_module(tmp_path, v
 
 # ------------------------------------- LLaVA: mergekit's inferred module names
 
-TEXT_LAYERS_LLAVA, VISION_LAYERS_LLAVA = 3, 2
-
-
-def _llava(out, seed):
-    transformers = pytest.importorskip("transformers")
-    text = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=TEXT_LAYERS_LLAVA,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-    )  # fmt: skip
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=VISION_LAYERS_LLAVA,
-        num_attention_heads=2, image_size=16, patch_size=8,
-    )  # fmt: skip
-    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=63)
-    torch.manual_seed(seed)
-    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
-    return {"a": _llava(root / "a", 1), "b": _llava(root / "b", 2)}
+    return {"a": make_llava(root / "a", 1), "b": make_llava(root / "b", 2)}
 
 
 # mergekit has no LLaVA template: it names the modules after the block stacks of the model
