@@ -21,6 +21,7 @@ quotes them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -61,40 +62,50 @@ def main() -> None:
     def data(task, split):
         return read_data(f"task:{task}", DataOptions(), zoo=root, split=split)
 
-    with open_checkpoint(root / "base") as ckpt:
-        base = {n: ckpt.get(n).float() for n in ckpt.names}
-
-    def accuracy(task, state, head) -> float:
-        runner = load_runner(root / "base", head=head)
-        test = runner.prepare(data(task, "test"))
-        z = predict(runner, test, batch_size=256, params=state)
-        return float((z.argmax(1) == test.labels).mean())
-
     def load(folder):
         with open_checkpoint(folder) as ckpt:
             return {n: ckpt.get(n).float() for n in ckpt.names}
 
-    dense = {t: load(root / "finetuned" / t) for t in tasks}
+    base = load(root / "base")
+    # one runner and one prepared test split per task; a row swaps in weights and a head
+    runners = {t: load_runner(root / "base", head=root / "probe_heads" / f"{t}.safetensors")
+               for t in tasks}  # fmt: skip
+    tests = {t: runners[t].prepare(data(t, "test")) for t in tasks}
+    probe = {t: copy.deepcopy(runners[t].module.head.state_dict()) for t in tasks}
+
+    def head_state(path):
+        return load_runner(root / "base", head=path).module.head.state_dict()
+
+    def accuracy(task, deltas, head) -> float:
+        """Test accuracy of base + Σ deltas with ``head`` (a state dict) on ``task``."""
+        state = {n: base[n] + sum(d[n] for d in deltas) for n in base}
+        runner = runners[task]
+        runner.module.head.load_state_dict(head)
+        z = predict(runner, tests[task], batch_size=256, params=state)
+        return float((z.argmax(1) == tests[task].labels).mean())
+
+    def composed(deltas, heads, scale=1.0) -> tuple[dict, dict, dict]:
+        """Each task's accuracy with its delta alone, with all deltas added (× scale), and
+        averaged over the pairs it is in."""
+        scaled = {t: {n: scale * d[n] for n in d} for t, d in deltas.items()}
+        alone = {t: accuracy(t, [deltas[t]], heads[t]) for t in tasks}
+        every = {t: accuracy(t, list(scaled.values()), heads[t]) for t in tasks}
+        pairs: dict[str, list[float]] = {t: [] for t in tasks}
+        for i, a in enumerate(tasks):
+            for b in tasks[i + 1 :]:
+                for t in (a, b):
+                    pairs[t].append(accuracy(t, [deltas[a], deltas[b]], heads[t]))
+        return alone, every, {t: float(np.mean(v)) for t, v in pairs.items()}
+
+    taus = {t: {n: v - base[n] for n, v in load(root / "finetuned" / t).items()} for t in tasks}
+    heads = {t: head_state(root / "heads" / f"{t}.safetensors") for t in tasks}
     rows: dict[str, dict[str, float]] = {}
-    rows["pretrained + probe head"] = {
-        t: accuracy(t, base, root / "probe_heads" / f"{t}.safetensors") for t in tasks
-    }
-    heads = {t: root / "heads" / f"{t}.safetensors" for t in tasks}
-    rows["dense fine-tune, alone"] = {t: accuracy(t, dense[t], heads[t]) for t in tasks}
-    for lam in (1.0, 0.3):
-        summed = {n: base[n] + lam * sum(dense[t][n] - base[n] for t in tasks) for n in base}
-        rows[f"dense fine-tunes summed (λ={lam:g})"] = {
-            t: accuracy(t, summed, heads[t]) for t in tasks
-        }
-    dense_pairs: dict[str, list[float]] = {t: [] for t in tasks}
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
-            pair = {n: base[n] + (dense[a][n] - base[n]) + (dense[b][n] - base[n]) for n in base}
-            dense_pairs[a].append(accuracy(a, pair, heads[a]))
-            dense_pairs[b].append(accuracy(b, pair, heads[b]))
-    rows["dense fine-tunes summed in pairs (λ=1)"] = {
-        t: float(np.mean(v)) for t, v in dense_pairs.items()
-    }
+    rows["pretrained + probe head"] = {t: accuracy(t, [], probe[t]) for t in tasks}
+    alone, every, pairs = composed(taus, heads)
+    rows["dense fine-tune, alone"] = alone
+    rows["dense fine-tunes summed (λ=1)"] = every
+    rows["dense fine-tunes summed (λ=0.3)"] = composed(taus, heads, 0.3)[1]
+    rows["dense fine-tunes summed in pairs (λ=1)"] = pairs
     details = {}
     for density in args.density:
         phis, sft_heads, overlap = {}, {}, None
@@ -105,35 +116,15 @@ def main() -> None:
                          batch_size=args.batch_size, seed=0)  # fmt: skip
             state = trained_state(runner, base)
             phis[t] = {n: state[n].float() - base[n] for n in base}
-            sft_heads[t] = runner.module.head
+            sft_heads[t] = runner.module.head.state_dict()
             free = torch.cat([m.reshape(-1) for m in rep["masks"].values()]).int()
             overlap = free if overlap is None else overlap + free
             print(f"{t} density {density:g}: {rep['changed']} of {rep['backbone_entries']} changed",
                   file=sys.stderr, flush=True)  # fmt: skip
-        composed = {n: base[n] + sum(phis[t][n] for t in tasks) for n in base}
-
-        def acc_with(task, state, head_module):
-            runner = load_runner(root / "base", head=root / "probe_heads" / f"{task}.safetensors")
-            runner.module.head.load_state_dict(head_module.state_dict())
-            test = runner.prepare(data(task, "test"))
-            z = predict(runner, test, batch_size=256, params=state)
-            return float((z.argmax(1) == test.labels).mean())
-
-        rows[f"LT-SFT {density:.0%}, alone"] = {
-            t: acc_with(t, {n: base[n] + phis[t][n] for n in base}, sft_heads[t]) for t in tasks
-        }
-        rows[f"LT-SFT {density:.0%}, all {len(tasks)} composed"] = {
-            t: acc_with(t, composed, sft_heads[t]) for t in tasks
-        }
-        pair_rows: dict[str, list[float]] = {t: [] for t in tasks}
-        for i, a in enumerate(tasks):
-            for b in tasks[i + 1 :]:
-                pair = {n: base[n] + phis[a][n] + phis[b][n] for n in base}
-                pair_rows[a].append(acc_with(a, pair, sft_heads[a]))
-                pair_rows[b].append(acc_with(b, pair, sft_heads[b]))
-        rows[f"LT-SFT {density:.0%}, composed in pairs"] = {
-            t: float(np.mean(v)) for t, v in pair_rows.items()
-        }
+        alone, every, pairs = composed(phis, sft_heads)
+        rows[f"LT-SFT {density:.0%}, alone"] = alone
+        rows[f"LT-SFT {density:.0%}, all {len(tasks)} composed"] = every
+        rows[f"LT-SFT {density:.0%}, composed in pairs"] = pairs
         assert overlap is not None
         details[f"{density:g}"] = {
             "entries_free_in_2_or_more_tasks": int((overlap >= 2).sum()),
