@@ -373,3 +373,49 @@ def test_hub_id_resolves_from_local_hf_cache(hf_family, tmp_path, monkeypatch):
     )
     code, _, err = run_cli("merge", recipe, tmp_path / "out2", "-q")
     assert code == 2 and "never downloads" in err
+
+
+def test_program_exits_fast_yet_flushes_output_and_runs_atexit(tmp_path):
+    """The ``graft`` program skips the interpreter's teardown (`graft.cli.app.entry`): its
+    --json output still arrives whole, atexit handlers still run, exit codes are kept
+    (0 on success, 2 with one line on stderr for bad input), and the merged file is
+    complete."""
+    import subprocess
+    import sys
+
+    from graft.io import save_state_dict
+
+    for name, v in (("a", 1.0), ("b", 3.0)):
+        save_state_dict({"w": torch.full((4, 4), v)}, tmp_path / name)
+    recipe = _write(
+        tmp_path,
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(tmp_path / m), "parameters": {"weight": 1.0}} for m in "ab"],
+        },
+    )
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+        "from graft.cli.app import entry\n"
+        "sys.argv = ['graft'] + sys.argv[1:]\n"
+        "entry()\n"
+    )
+
+    def graft(*args):
+        return subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True
+        )
+
+    ok = graft("merge", recipe, tmp_path / "out", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["tensors"] == 1
+    assert "atexit ran" in ok.stderr
+    assert torch.equal(
+        load_file(tmp_path / "out" / "model.safetensors")["w"], torch.full((4, 4), 2.0)
+    )
+    bad = graft("merge", tmp_path / "missing.yaml", tmp_path / "out2")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[0].startswith("error: recipe file not found")
+    assert "atexit ran" in bad.stderr
+    assert not (tmp_path / "out2").exists()

@@ -1,3 +1,3 @@
-from graft.cli.app import main
+from graft.cli.app import entry
 
-main()
+entry()
