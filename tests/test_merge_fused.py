@@ -162,3 +162,92 @@ def test_non_finite_input_falls_back(monkeypatch):
     ref = ties([ft, -ft], base, weight=[1.0, 1.0], density=[0.5, 0.5])
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def _all_float32_edges() -> torch.Tensor:
+    """Random float32 bit patterns plus every pattern near the bfloat16 / float16 rounding
+    edges: float16's subnormal range and its 2^-25 cut, the smallest normal, the overflow
+    cut at 65520, the float32 maximum, tiny float32 subnormals; both signs, all finite."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=g).to(torch.int32)
+    spans = [
+        (0x33000000 - 3000, 0x33000000 + 3000),
+        (0x38800000 - 40000, 0x38800000 + 40000),
+        (0x477FE000, 0x47800010),
+        (0, 100000),
+        (0x7F7F0000, 0x7F7FFFFF),
+    ]
+    parts = [bits.view(torch.float32)]
+    for lo, hi in spans:
+        r = torch.arange(lo, hi, dtype=torch.int64).to(torch.int32).view(torch.float32)
+        parts += [r, -r]
+    x = torch.cat(parts)
+    return x[torch.isfinite(x)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_narrowed_output_rounds_as_torch_casts(dtype):
+    """With out_dtype the kernel rounds each float32 result itself: bit for bit torch's
+    cast, over random patterns and every pattern near the rounding edges (a zero base and
+    one dense model make the float32 result the input itself)."""
+    x = _all_float32_edges()
+    base = torch.zeros_like(x)
+    dense = [_fused.Sparsifier(_fused.DENSE)]
+    wide = _fused.merge([x], base, dense, weight=[1.0], normalize=False, scale=1.0)
+    assert torch.equal(wide.view(torch.int32), (x + 0.0).view(torch.int32))
+    narrow = _fused.merge(
+        [x], base, dense, weight=[1.0], normalize=False, scale=1.0, out_dtype=dtype
+    )
+    assert narrow.dtype == dtype
+    want = wide.to(dtype).view(torch.int16)
+    bad = narrow.view(torch.int16) != want
+    assert not bad.any(), f"{int(bad.sum())} of {x.numel()} rounded differently"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_methods_narrow_as_the_torch_path_casts(case, dtype, monkeypatch):
+    """The TIES family with out_dtype (the engine passes the dtype it writes): the fused
+    result is the torch path's float32 result cast, bit for bit, even where deltas
+    overflow."""
+    shape, models, weights, densities, normalize, scale = case
+    fts, base = _family(shape, dtype, models, seed=21, extreme=True)
+    for out_dtype in (torch.bfloat16, torch.float16):
+        fused, plain = _both(
+            ties, fts, base, weight=weights, density=densities, normalize=normalize,
+            scale=scale, out_dtype=out_dtype, monkeypatch=monkeypatch,
+        )  # fmt: skip
+        assert fused.dtype == plain.dtype == out_dtype
+        assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+        fused, plain = _both(
+            della, fts, base, weight=weights, density=densities, normalize=normalize,
+            scale=scale, out_dtype=out_dtype, seed=3, monkeypatch=monkeypatch,
+        )  # fmt: skip
+        assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+
+
+def test_nan_result_is_cast_by_torch(monkeypatch):
+    """Finite inputs can still give NaN (δ = +inf times λ = 0). NaN has no single bfloat16
+    encoding across torch's casts, so the kernel hands such a tensor to torch's cast."""
+    big = torch.finfo(torch.float32).max
+    base = torch.tensor([-big, 0.0, 1.0, -big])
+    ft = torch.tensor([big, 1.0, -1.0, big])
+    fused, plain = _both(
+        ties, [ft], base, weight=[1.0], density=[1.0], normalize=False, scale=0.0,
+        out_dtype=torch.bfloat16, monkeypatch=monkeypatch,
+    )  # fmt: skip
+    assert fused.float().isnan().tolist() == [True, False, False, True]
+    assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_finite_reads_the_stored_bits(dtype):
+    t = torch.randn(4099).to(dtype)
+    t[17] = torch.finfo(dtype).max
+    assert _fused.all_finite(t) is True
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        u = t.clone()
+        u[4098] = bad  # the last entry: no tail is skipped
+        assert _fused.all_finite(u) is False
+    assert _fused.all_finite(t[::2]) is None  # not contiguous: the caller's torch check
+    assert _fused.all_finite(t.double()) is None

@@ -229,3 +229,42 @@ def test_cuda_run_matches_cpu_byte_for_byte_on_elementwise_methods(tmp_path):
             w, c = want.float(), got.float()
             step = torch.maximum(w.abs(), c.abs()) * 2**-7  # one bf16 step, entry by entry
             assert ((c - w).abs() <= step).all(), (method, name)
+
+
+def test_bounded_run_starts_largest_first_within_the_byte_budget():
+    """The list schedule of `_run_bounded`: the largest job starts first, a free worker
+    takes the largest job that fits the budget (1.25 x the largest, two workers), so the
+    two vocabulary-sized jobs never overlap and the small ones run beside them; every job
+    runs once. One worker keeps the given order."""
+    import threading
+    import time
+
+    from graft.plan.engine import _run_bounded
+
+    sizes = [1, 2, 1, 1, 10, 1, 3, 1, 10, 1]
+    log: list[tuple[str, int]] = []
+    running: dict[int, int] = {}
+    peak = {"bytes": 0}
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            log.append(("start", i))
+            running[i] = sizes[i]
+            peak["bytes"] = max(peak["bytes"], sum(running.values()))
+        time.sleep(0.01 * sizes[i])
+        with lock:
+            del running[i]
+            log.append(("end", i))
+        return sizes[i]
+
+    done = list(_run_bounded(list(range(len(sizes))), work, 2, lambda i: sizes[i]))
+    assert sorted(i for i, _ in done) == list(range(len(sizes)))
+    assert all(nbytes == sizes[i] for i, nbytes in done)
+    starts = [i for what, i in log if what == "start"]
+    assert starts[0] == 4  # the largest, first of the two equal ones
+    assert log.index(("start", 8)) > log.index(("end", 4))  # never beside the other big one
+    assert peak["bytes"] <= 12.5
+    assert starts[1] == 1  # beside a big one 2.5 is left: the size-2 job, not the 3
+    one = list(_run_bounded(list(range(len(sizes))), lambda i: sizes[i], 1, lambda i: sizes[i]))
+    assert [i for i, _ in one] == list(range(len(sizes)))

@@ -19,9 +19,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
-#define CHUNK 2048
+#define CHUNK 2048 /* a multiple of 16 */
 #define BINS 65536
+#define HI_BINS 32768 /* |d| has no sign bit: its top 16 bits are below 2^15 */
 #define MAXT 64
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -51,6 +55,52 @@ static inline float half_to_float(uint16_t h) {
     return u2f(sign | ((e + 112) << 23) | (m << 13));
 }
 
+/* Bit q of the result is set when key[q] == v (q < 16; 16 readable entries). */
+static inline uint32_t eq16(const uint32_t *key, uint32_t v) {
+#if defined(__AVX512F__)
+    return _mm512_cmpeq_epi32_mask(_mm512_loadu_si512((const void *)key),
+                                   _mm512_set1_epi32((int)v));
+#elif defined(__AVX2__)
+    __m256i w = _mm256_set1_epi32((int)v);
+    __m256i a = _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)key), w);
+    __m256i b = _mm256_cmpeq_epi32(_mm256_loadu_si256((const __m256i *)(key + 8)), w);
+    return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(a)) |
+           (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(b)) << 8;
+#else
+    uint32_t m = 0;
+    for (int q = 0; q < 16; q++) m |= (uint32_t)(key[q] == v) << q;
+    return m;
+#endif
+}
+
+/* Bit q set when key[q] >> 16 == v. */
+static inline uint32_t eq16_hi(const uint32_t *key, uint32_t v) {
+#if defined(__AVX512F__)
+    return _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(_mm512_loadu_si512((const void *)key), 16),
+                                   _mm512_set1_epi32((int)v));
+#elif defined(__AVX2__)
+    __m256i w = _mm256_set1_epi32((int)v);
+    __m256i a = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)key), 16);
+    __m256i b = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(key + 8)), 16);
+    return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, w))) |
+           (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, w))) << 8;
+#else
+    uint32_t m = 0;
+    for (int q = 0; q < 16; q++) m |= (uint32_t)(key[q] >> 16 == v) << q;
+    return m;
+#endif
+}
+
+/* The valid bits of the 16-entry block at j of a chunk of len entries. */
+static inline uint32_t block_bits(int j, int len) {
+    return len - j >= 16 ? 0xffffu : (1u << (len - j)) - 1u;
+}
+
+/* keys[j] = bits of |a[j] - b[j]| (an order-preserving uint32 of the magnitude) */
+static inline void abs_keys(const float *a, const float *b, int len, uint32_t *key) {
+    for (int j = 0; j < len; j++) key[j] = f2u(a[j] - b[j]) & 0x7fffffffu;
+}
+
 /* Widen len values starting at off into dst; returns nonzero when one is NaN or Inf. */
 static int widen(const void *src, int dt, int64_t off, int len, float *dst) {
     uint32_t bad = 0;
@@ -76,6 +126,57 @@ static int widen(const void *src, int dt, int64_t off, int len, float *dst) {
     return bad != 0;
 }
 
+/* 1 when none of the n values at p (dtype dt) is NaN or Inf, else 0. */
+int graft_finite(const void *p, int dt, int64_t n) {
+    uint32_t bad = 0;
+    if (dt == DT_F32) {
+        const uint32_t *s = (const uint32_t *)p;
+        for (int64_t i = 0; i < n; i++) bad |= (s[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *s = (const uint16_t *)p;
+        uint16_t e = dt == DT_BF16 ? 0x7f80u : 0x7c00u;
+        for (int64_t i = 0; i < n; i++) bad |= (s[i] & e) == e;
+    }
+    return bad == 0;
+}
+
+/* float32 -> bfloat16 / float16, rounding to nearest even as torch's casts do. A NaN has
+ * no one encoding across torch's cast paths: `narrow` reports it and the caller lets
+ * torch cast that tensor. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u = f2u(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t to_f16(float f) {
+    uint32_t u = f2u(f), a = u & 0x7fffffffu;
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520 (or Inf) rounds to Inf */
+    if (a < 0x38800000u) {                        /* below 2^-14: a subnormal half */
+        /* |f| * 2^24 is exact and below 2^10; adding 2^23 rounds it to an integer (RNE) */
+        float t = u2f(a) * 16777216.0f;
+        return sign | (uint16_t)(f2u(t + 8388608.0f) - 0x4b000000u);
+    }
+    uint32_t r = (a + 0xfffu + ((a >> 13) & 1u)) >> 13; /* 10 mantissa bits, RNE */
+    return sign | (uint16_t)(r - (112u << 10));          /* rebias 127 -> 15 */
+}
+
+/* Store len float32 values at dst + off in dtype dt; returns nonzero on a NaN. */
+static int narrow(const float *src, int dt, void *dst, int64_t off, int len) {
+    uint32_t nan = 0;
+    for (int j = 0; j < len; j++) nan |= (f2u(src[j]) & 0x7fffffffu) > 0x7f800000u;
+    if (dt == DT_F32) {
+        memcpy((float *)dst + off, src, sizeof(float) * (size_t)len);
+    } else if (dt == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = to_bf16(src[j]);
+    } else {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (int j = 0; j < len; j++) d[j] = to_f16(src[j]);
+    }
+    return dt != DT_F32 && nan != 0;
+}
+
 /* Exact top-k thresholds.
  *
  * For each cut c (of model cut_model[c], keeping the cut_k[c] largest |d|, 1 <= k < n),
@@ -90,28 +191,33 @@ int graft_select(int64_t n, int T, const void *base, int base_dt, const void *co
     if (T > MAXT || C > 256) return 3;
     int used[MAXT] = {0};
     for (int c = 0; c < C; c++) used[cut_model[c]] = 1;
-    uint32_t *hi = calloc((size_t)T * BINS, sizeof(uint32_t));
+    uint32_t *hi = calloc((size_t)T * HI_BINS, sizeof(uint32_t));
     uint32_t *lo = calloc((size_t)(C ? C : 1) * BINS, sizeof(uint32_t));
     if (!hi || !lo) { free(hi); free(lo); return 2; }
     float fb[CHUNK], fi[CHUNK];
+    uint32_t key[CHUNK];
+    uint16_t top[CHUNK];
     int bad = 0;
+    /* pass 1: the keys' top halves, computed vectorised into a buffer, then counted */
     for (int64_t s = 0; s < n && !bad; s += CHUNK) {
         int len = (int)(n - s < CHUNK ? n - s : CHUNK);
         bad |= widen(base, base_dt, s, len, fb);
         for (int m = 0; m < T; m++) {
             if (!used[m]) continue;
             bad |= widen(fts[m], ft_dt[m], s, len, fi);
-            uint32_t *h = hi + (size_t)m * BINS;
-            for (int j = 0; j < len; j++) h[(f2u(fi[j] - fb[j]) & 0x7fffffffu) >> 16]++;
+            for (int j = 0; j < len; j++)
+                top[j] = (uint16_t)((f2u(fi[j] - fb[j]) & 0x7fffffffu) >> 16);
+            uint32_t *h = hi + (size_t)m * HI_BINS;
+            for (int j = 0; j < len; j++) h[top[j]]++;
         }
     }
     if (bad) { free(hi); free(lo); return 1; }
     int64_t bin[256], need[256];
     int todo = 0;
     for (int c = 0; c < C; c++) {
-        const uint32_t *h = hi + (size_t)cut_model[c] * BINS;
+        const uint32_t *h = hi + (size_t)cut_model[c] * HI_BINS;
         int64_t cum = 0, k = cut_k[c];
-        int b = BINS - 1;
+        int b = HI_BINS - 1;
         for (; b > 0 && cum + h[b] < k; b--) cum += h[b];
         bin[c] = b;
         need[c] = k - cum;
@@ -131,12 +237,17 @@ int graft_select(int64_t n, int T, const void *base, int base_dt, const void *co
             for (int c = 0; c < C; c++) {
                 if (vstar[c] != -2) continue;
                 int m = cut_model[c];
-                if (have != m) { widen(fts[m], ft_dt[m], s, len, fi); have = m; }
+                if (have != m) {
+                    widen(fts[m], ft_dt[m], s, len, fi);
+                    abs_keys(fi, fb, len, key);
+                    have = m;
+                }
+                /* pass 2: few keys fall in the bin; find them 16 at a time */
                 uint32_t *l = lo + (size_t)c * BINS;
                 uint32_t want = (uint32_t)bin[c];
-                for (int j = 0; j < len; j++) {
-                    uint32_t key = f2u(fi[j] - fb[j]) & 0x7fffffffu;
-                    if ((key >> 16) == want) l[key & 0xffffu]++;
+                for (int j = 0; j < len; j += 16) {
+                    uint32_t hit = eq16_hi(key + j, want) & block_bits(j, len);
+                    for (; hit; hit &= hit - 1) l[key[j + __builtin_ctz(hit)] & 0xffffu]++;
                 }
             }
         }
@@ -174,10 +285,13 @@ static void cut_chunk(cut_t *c, const uint32_t *key, int len, uint8_t *in) {
         eq += (int64_t)key[j] == v;
     }
     if (!eq) return;
-    for (int j = 0; j < len; j++) {
-        if ((int64_t)key[j] != v) continue;
-        int64_t i = c->seen++;
-        in[j] = c->high ? i >= c->total - c->need : i < c->need;
+    /* eq > 0: v is a key, in [0, 2^31) */
+    for (int j = 0; j < len; j += 16) {
+        uint32_t hit = eq16(key + j, (uint32_t)v) & block_bits(j, len);
+        for (; hit; hit &= hit - 1) {
+            int64_t i = c->seen++;
+            in[j + __builtin_ctz(hit)] = c->high ? i >= c->total - c->need : i < c->need;
+        }
     }
 }
 
@@ -185,8 +299,10 @@ static void cut_chunk(cut_t *c, const uint32_t *key, int len, uint8_t *in) {
  *
  * cut_a / cut_b: per model, index of its cuts (-1: none, -2: all). masks: per model a
  * uint8 keep-mask (M_MASK, M_PROB) or NULL. probs: per model float32 keep probabilities
- * (M_PROB) or NULL. pdiv: per model divisor of M_MASK when rescale. out: float32, n.
- * Returns 0, 1 on a NaN/Inf input (out is then garbage), 2 when out of memory.
+ * (M_PROB) or NULL. pdiv: per model divisor of M_MASK when rescale. out: n values of
+ * dtype out_dt, each the float32 result rounded as torch's cast rounds it.
+ * Returns 0, 1 on a NaN/Inf input (out is then garbage), 2 when out of memory, 4 when a
+ * result is NaN and out_dt is not float32 (out is then garbage).
  */
 int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *const *fts,
                 const int32_t *ft_dt, const int32_t *mode, const int32_t *cut_a,
@@ -194,7 +310,7 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
                 const int64_t *eq_total, const int32_t *tie_high, const uint8_t *const *masks,
                 const float *const *probs, const float *pdiv, int rescale, const float *w,
                 int weighted, int equal_w, int normalize, int has_scale, float scale,
-                float *out) {
+                int out_dt, void *out) {
     if (T > MAXT || C > 256) return 3;
     cut_t cuts[256];
     for (int c = 0; c < C; c++) {
@@ -211,15 +327,15 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
         ca[m] = cut_a[m] == -1 ? &none : cut_a[m] == -2 ? &all : &cuts[cut_a[m]];
         cb[m] = cut_b[m] == -1 ? &none : cut_b[m] == -2 ? &all : &cuts[cut_b[m]];
     }
-    float *buf = malloc(sizeof(float) * CHUNK * (size_t)(T + 5));
+    float *buf = malloc(sizeof(float) * CHUNK * (size_t)(T + 6));
     uint8_t *ina = malloc(2 * CHUNK);
     uint32_t *key = malloc(sizeof(uint32_t) * CHUNK);
     if (!buf || !ina || !key) { free(buf); free(ina); free(key); return 2; }
     uint8_t *inb = ina + CHUNK;
     float *fb = buf, *tot = buf + CHUNK, *pos = buf + 2 * CHUNK, *neg = buf + 3 * CHUNK;
-    float *div = buf + 4 * CHUNK, *wd[MAXT];
-    for (int m = 0; m < T; m++) wd[m] = buf + (size_t)CHUNK * (m + 5);
-    int bad = 0;
+    float *div = buf + 4 * CHUNK, *res = buf + 5 * CHUNK, *wd[MAXT];
+    for (int m = 0; m < T; m++) wd[m] = buf + (size_t)CHUNK * (m + 6);
+    int bad = 0, nan = 0;
     for (int64_t s = 0; s < n; s += CHUNK) {
         int len = (int)(n - s < CHUNK ? n - s : CHUNK);
         bad |= widen(base, base_dt, s, len, fb);
@@ -287,7 +403,7 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
                 ng[j] = ng[j] + (xj >= 0.0f ? 0.0f : xj);
             }
         }
-        float *restrict o = out + s;
+        float *restrict o = res;
         for (int j = 0; j < len; j++) o[j] = t[j] >= 0.0f ? ps[j] : ng[j];
         if (normalize) {
             /* Σ wᵢ over agreeing models (equal weights: w x the count, as the torch path) */
@@ -308,11 +424,12 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
         if (has_scale)
             for (int j = 0; j < len; j++) o[j] = o[j] * scale;
         for (int j = 0; j < len; j++) o[j] = o[j] + fb[j];
+        nan |= narrow(o, out_dt, out, s, len);
     }
     free(buf);
     free(ina);
     free(key);
-    return bad ? 1 : 0;
+    return bad ? 1 : nan ? 4 : 0;
 }
 
 /* DELLA's keep probabilities: within each row of |d| (rows x cols, row-major), the rank r

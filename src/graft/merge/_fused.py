@@ -96,6 +96,7 @@ def _build() -> ctypes.CDLL | None:
     lib.graft_select.restype = ctypes.c_int
     lib.graft_merge.restype = ctypes.c_int
     lib.graft_della_probs.restype = ctypes.c_int
+    lib.graft_finite.restype = ctypes.c_int
     return lib
 
 
@@ -163,6 +164,20 @@ def random_mask_usable(
     )
 
 
+def all_finite(t: torch.Tensor) -> bool | None:
+    """Whether no entry of ``t`` is NaN or Inf, in one vectorised pass over its stored
+    bytes; None where the kernel does not apply (not a contiguous CPU float32 / bfloat16 /
+    float16 tensor, or no kernel)."""
+    if t.device.type != "cpu" or t.dtype not in _CODES or not t.is_contiguous():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    return bool(
+        lib.graft_finite(ctypes.c_void_p(t.data_ptr()), _CODES[t.dtype], ctypes.c_int64(t.numel()))
+    )
+
+
 def _ptrs(ts: Sequence[torch.Tensor | None]):
     return (ctypes.c_void_p * len(ts))(*[0 if t is None else t.data_ptr() for t in ts])
 
@@ -202,11 +217,14 @@ def merge(
     normalize: bool,
     scale: float,
     rescale: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """Sparsify, weight, elect and disjoint-merge (`_task_vectors.combine` with
-    ``elect=True``), then ``θ₀ + λ·merged``: the float32 result, or None where the kernel
-    does not apply. ``rescale``: ``MASK`` / ``PROB`` entries kept are divided by ``p`` /
-    their probability."""
+    ``elect=True``), then ``θ₀ + λ·merged``: the result, or None where the kernel does not
+    apply. ``rescale``: ``MASK`` / ``PROB`` entries kept are divided by ``p`` / their
+    probability. ``out_dtype`` (default float32): the kernel rounds bfloat16 / float16
+    results itself, as ``.to(out_dtype)`` of the float32 result would; other dtypes are
+    cast by torch."""
     lib = library()
     if lib is None or not usable(tensors, base):
         return None
@@ -231,7 +249,9 @@ def merge(
     weights = [float(w) for w in weight]
     masks = [None if s.mask is None else s.mask.contiguous().view(torch.uint8) for s in sparse]
     probs = [None if s.probs is None else s.probs.contiguous() for s in sparse]
-    out = torch.empty(base.shape, dtype=torch.float32)
+    narrow = out_dtype if out_dtype in _CODES else torch.float32
+    out = torch.empty(base.shape, dtype=narrow)
+    # rc 4, a NaN result: its bit pattern is torch's cast's to choose (the torch path)
     rc = lib.graft_merge(
         ctypes.c_int64(n), T, bptr, bdt, fts, dts,
         _arr(ctypes.c_int32, [s.mode for s in sparse]),
@@ -243,9 +263,11 @@ def merge(
         _arr(ctypes.c_float, weights),
         int(any(w != 1.0 for w in weights)), int(len(set(weights)) == 1),
         int(normalize), int(scale != 1), ctypes.c_float(scale),
-        ctypes.c_void_p(out.data_ptr()),
+        _CODES[narrow], ctypes.c_void_p(out.data_ptr()),
     )  # fmt: skip
-    return out if rc == 0 else None
+    if rc != 0:
+        return None
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def della_probs(

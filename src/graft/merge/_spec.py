@@ -77,6 +77,10 @@ class MethodSpec:
         native_inputs: the method takes float32 / bfloat16 / float16 CPU inputs as stored
             and widens them to float32 itself (exactly, as the engine's cast would), so the
             engine hands them over without float32 copies (the fused TIES-family kernel).
+        native_output: the method takes ``out_dtype`` (the dtype the engine writes) and
+            returns its result in it, rounded as a cast of the float32 result rounds, so
+            the fused kernel writes bfloat16 / float16 directly instead of a float32 tensor
+            the engine then casts.
         stats: the per-model statistic a data-aware method reads (``"fisher"``,
             ``"gram"``...): each model's ``statistics`` parameter names a file written by
             the statistics pass, and the method receives ``stats=[tensor or None, ...]``
@@ -97,6 +101,7 @@ class MethodSpec:
     order_independent: bool = True
     compute_dtype: torch.dtype = torch.float32
     native_inputs: bool = False
+    native_output: bool = False
     paper: str = ""
     stats: str | None = None
     stats_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None

@@ -141,11 +141,14 @@ def l1_rescale(kept: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def finish(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
-    """``θ₀ + λ·merged`` (``merged`` is overwritten)."""
+def finish(
+    base: torch.Tensor, merged: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``θ₀ + λ·merged`` (``merged`` is overwritten), cast to ``out_dtype`` when given."""
     if scale != 1:
         merged.mul_(scale)
-    return merged.add_(base)
+    merged.add_(base)
+    return merged if out_dtype is None else merged.to(out_dtype)
 
 
 def unit_interval_check(name: str):

@@ -86,13 +86,17 @@ def _breadcrumbs(
     normalize: bool,
     rescale: bool,
     scale: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     n = len(tensors)
     densities, gammas = per_model(density, n, 1.0), per_model(gamma, n, 0.01)
     if elect and not rescale:
         size = base.numel()
         sparse = [_band(p, g, size) for p, g in zip(densities, gammas, strict=True)]
-        out = _fused.merge(tensors, base, sparse, weight=weight, normalize=normalize, scale=scale)
+        out = _fused.merge(
+            tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
+            out_dtype=out_dtype,
+        )  # fmt: skip
         if out is not None:
             return out
     tensors, base = widen(tensors, base)
@@ -103,7 +107,7 @@ def _breadcrumbs(
         masked = torch.where(outlier_mask(deltas[i], p, g), deltas[i], 0)
         deltas[i] = l1_rescale(masked, deltas[i]) if rescale else masked
     merged = combine(deltas, weight, elect=elect, normalize=normalize)
-    return finish(base, merged, scale)
+    return finish(base, merged, scale, out_dtype)
 
 
 def breadcrumbs(
@@ -158,6 +162,7 @@ def breadcrumbs_ties(
     rescale: bool = False,
     scale: float = 1.0,
     int8_mask: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Breadcrumbs masking, then TIES sign election and disjoint merge.
 
@@ -171,6 +176,7 @@ def breadcrumbs_ties(
         rescale: scale each masked delta to its dense L1 norm.
         scale: ``λ``, applied to the merged delta.
         int8_mask: accepted for mergekit recipes; no effect.
+        out_dtype: the result's dtype (default float32), rounded as a cast rounds.
 
     Returns:
         The merged tensor.
@@ -185,6 +191,7 @@ def breadcrumbs_ties(
         normalize=normalize,
         rescale=rescale,
         scale=scale,
+        out_dtype=out_dtype,
     )
 
 
@@ -215,5 +222,6 @@ BREADCRUMBS_TIES_SPEC = MethodSpec(
     params=(*family_params(normalize=False, rescale=False, rescale_doc=_RESCALE_DOC), _GAMMA),
     base="required",
     native_inputs=True,
+    native_output=True,
     paper=_PAPER,
 )

@@ -121,6 +121,7 @@ def _dare(
     rescale_mode: str,
     scale: float,
     generator: torch.Generator | None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     densities = per_model(density, len(tensors), 1.0)
     if _fused.random_mask_usable(
@@ -130,8 +131,9 @@ def _dare(
         start_state = generator.get_state()
         sparse = [_fused_sparsifier(p, base, generator) for p in densities]
         out = _fused.merge(
-            tensors, base, sparse, weight=weight, normalize=normalize, scale=scale, rescale=rescale
-        )
+            tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
+            rescale=rescale, out_dtype=out_dtype,
+        )  # fmt: skip
         if out is not None:
             return out
         generator.set_state(start_state)  # the torch path draws the same masks again
@@ -142,7 +144,7 @@ def _dare(
             deltas[i], p, generator, rescale=rescale, rescale_mode=rescale_mode
         )
     merged = combine(deltas, weight, elect=elect, normalize=normalize)
-    return finish(base, merged, scale)
+    return finish(base, merged, scale, out_dtype)
 
 
 def _fused_sparsifier(
@@ -212,6 +214,7 @@ def dare_ties(
     scale: float = 1.0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """TIES election and disjoint merge on DARE-sparsified deltas.
 
@@ -226,6 +229,7 @@ def dare_ties(
         scale: ``λ``, applied to the merged delta.
         int8_mask: accepted for mergekit recipes; no effect.
         generator: source of the random masks.
+        out_dtype: the result's dtype (default float32), rounded as a cast rounds.
 
     Returns:
         The merged tensor.
@@ -241,6 +245,7 @@ def dare_ties(
         rescale_mode=rescale_mode,
         scale=scale,
         generator=generator,
+        out_dtype=out_dtype,
     )
 
 
@@ -270,6 +275,7 @@ DARE_TIES_SPEC = MethodSpec(
     ),
     base="required",
     native_inputs=True,
+    native_output=True,
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,

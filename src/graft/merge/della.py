@@ -159,6 +159,7 @@ def _della(
     rescale_mode: str,
     scale: float,
     generator: torch.Generator | None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     n = len(tensors)
     pairs = list(zip(per_model(density, n, 1.0), per_model(epsilon, n, 0.15), strict=True))
@@ -173,7 +174,7 @@ def _della(
         if all(s is not None for s in sparse):
             out = _fused.merge(
                 tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
-                rescale=rescale,
+                rescale=rescale, out_dtype=out_dtype,
             )  # fmt: skip
             if out is not None:
                 return out
@@ -185,7 +186,7 @@ def _della(
             deltas[i], p, eps, generator, rescale=rescale, rescale_mode=rescale_mode
         )
     merged = combine(deltas, weight, elect=elect, normalize=normalize)
-    return finish(base, merged, scale)
+    return finish(base, merged, scale, out_dtype)
 
 
 def della(
@@ -201,6 +202,7 @@ def della(
     scale: float = 1.0,
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MagPrune each delta, then TIES sign election and disjoint merge.
 
@@ -216,6 +218,7 @@ def della(
         scale: ``λ``, applied to the merged delta.
         int8_mask: accepted for mergekit recipes; no effect.
         generator: source of the random masks.
+        out_dtype: the result's dtype (default float32), rounded as a cast rounds.
 
     Returns:
         The merged tensor.
@@ -232,6 +235,7 @@ def della(
         rescale_mode=rescale_mode,
         scale=scale,
         generator=generator,
+        out_dtype=out_dtype,
     )
 
 
@@ -306,6 +310,7 @@ DELLA_SPEC = MethodSpec(
     ),
     base="required",
     native_inputs=True,
+    native_output=True,
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,

@@ -88,6 +88,7 @@ def ties(
     int8_mask: bool = False,
     consensus_k: int = 0,
     tall_mask_lambda: float = 0.6,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Trim, elect sign, disjoint merge.
 
@@ -102,6 +103,7 @@ def ties(
         int8_mask: accepted for mergekit recipes; no effect.
         consensus_k: consensus merging's minimum TALL-mask count; 0 turns it off.
         tall_mask_lambda: the TALL masks' threshold.
+        out_dtype: the result's dtype (default float32), rounded as a cast rounds.
 
     Returns:
         The merged tensor.
@@ -110,7 +112,10 @@ def ties(
     if not rescale and consensus_k <= 0:
         n = base.numel()
         sparse = [_trim(p, n) for p in densities]
-        out = _fused.merge(tensors, base, sparse, weight=weight, normalize=normalize, scale=scale)
+        out = _fused.merge(
+            tensors, base, sparse, weight=weight, normalize=normalize, scale=scale,
+            out_dtype=out_dtype,
+        )  # fmt: skip
         if out is not None:
             return out
     tensors, base = widen(tensors, base)
@@ -128,7 +133,7 @@ def ties(
             tensors, base, merged, consensus_k=consensus_k, tall_mask_lambda=tall_mask_lambda
         )
         merged.masked_fill_(~keep, 0.0)
-    return finish(base, merged, scale)
+    return finish(base, merged, scale, out_dtype)
 
 
 def _trim(density: float, n: int) -> _fused.Sparsifier:
@@ -151,5 +156,6 @@ SPEC = MethodSpec(
     + consensus_params(),
     base="required",
     native_inputs=True,
+    native_output=True,
     paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)",
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,7 @@ from graft.io import (
     write_chat_template,
     write_model_card,
 )
+from graft.merge import _fused
 from graft.plan.plan import MergePlan, PlanError, TensorJob
 from graft.plan.vocab import align_rows
 
@@ -105,6 +107,9 @@ def all_finite(t: torch.Tensor) -> bool:
     """True when no entry of ``t`` is NaN or Inf (integer tensors always are)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    fast = _fused.all_finite(t)  # the stored bits, no float32 sum
+    if fast is not None:
+        return fast
     # A sum is NaN/Inf when any entry is (one pass, no temporary); only then, or on an
     # overflow of huge finite values, look entry by entry.
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -314,6 +319,11 @@ def _run_bounded(
     stay within ``(1 + (threads - 1) / 4)`` x the largest job, so two vocabulary-sized
     tensors (embeddings and head) never run at once, while the many small per-layer tensors
     still fill every worker. Peak memory is then about that budget, not threads x largest.
+
+    Jobs start largest first, and a free worker takes the largest waiting job that fits
+    the budget (a list schedule): the big tensors run beside small ones instead of one
+    another, and the pass ends on the smallest jobs, so no worker idles through a long tail
+    behind the output head. One worker runs the jobs in their given order.
     """
     if threads == 1:
         for job in jobs:
@@ -321,23 +331,29 @@ def _run_bounded(
         return
     sizes = [cost(j) for j in jobs]
     budget = max(sizes, default=0) * (1 + (threads - 1) / 4)
-    pending: dict[Future, tuple[J, int]] = {}
+    # waiting jobs, largest first (stable: equal sizes keep their order); `keys` mirrors
+    # it ascending for bisect: the first waiting job that fits is the largest that does
+    waiting = sorted(range(len(jobs)), key=lambda i: -sizes[i])
+    keys = [-sizes[i] for i in waiting]
+    pending: dict[Future, int] = {}
     in_flight = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graft") as pool:
         try:
-            for job, size in zip(jobs, sizes, strict=True):
-                while pending and (len(pending) >= threads or in_flight + size > budget):
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        finished, finished_size = pending.pop(fut)
-                        in_flight -= finished_size
-                        yield finished, fut.result()
-                pending[pool.submit(worker, job)] = (job, size)
-                in_flight += size
-            while pending:
+            while waiting or pending:
+                while waiting and len(pending) < threads:
+                    # nothing in flight: the largest job starts whatever its size
+                    at = bisect_left(keys, -(budget - in_flight)) if pending else 0
+                    if at == len(waiting):
+                        break
+                    i = waiting.pop(at)
+                    del keys[at]
+                    pending[pool.submit(worker, jobs[i])] = i
+                    in_flight += sizes[i]
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    yield pending.pop(fut)[0], fut.result()
+                    i = pending.pop(fut)
+                    in_flight -= sizes[i]
+                    yield jobs[i], fut.result()
         finally:
             for fut in pending:
                 fut.cancel()
@@ -430,6 +446,8 @@ class _Worker:
         if spec.uses_layer:
             kwargs["layer"] = job.layer
             kwargs["num_layers"] = job.depth or self.plan.num_layers  # its own stack's
+        if spec.native_output:  # rounded by the method: no float32 result to cast
+            kwargs["out_dtype"] = job.result_dtype
         if job.transpose:
             inputs = [t.T for t in inputs]
             base = base.T if base is not None else None
