@@ -4,6 +4,7 @@ errors into one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import sys
 import threading
@@ -104,12 +105,37 @@ def main() -> None:
 def entry() -> None:
     """The ``graft`` program (console script and ``python -m graft``): `main`, then a quick
     exit. In-process callers use `main`, which returns or raises ``SystemExit``."""
+    _tune_malloc()
     try:
         main()
     except SystemExit as exc:
         _exit_now(exc.code)
         raise
     _exit_now(0)
+
+
+def _tune_malloc() -> None:
+    """Let glibc reuse freed tensor buffers instead of mapping fresh pages for each one.
+
+    A merge reads every tensor into a new buffer and frees it a moment later. By default
+    glibc maps each buffer of a few MB afresh and unmaps it on free, so the kernel faults
+    in and zeroes every page of every input again (half a million page faults for a 300M
+    model, a tenth of the CPU time). Buffers up to 32 MiB (glibc's largest mmap threshold)
+    are taken from the heap instead, and the heap's free top is not returned to the
+    system after each free (the next tensor reuses it). Peak memory is unchanged: the
+    same buffers are reused. Only the ``graft`` program does this, never ``import graft``;
+    ``GRAFT_MALLOC_TUNE=0`` keeps glibc's defaults.
+    """
+    if os.environ.get("GRAFT_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def _exit_now(code: object) -> None:
