@@ -251,3 +251,38 @@ def test_all_finite_reads_the_stored_bits(dtype):
         assert _fused.all_finite(u) is False
     assert _fused.all_finite(t[::2]) is None  # not contiguous: the caller's torch check
     assert _fused.all_finite(t.double()) is None
+
+
+@pytest.mark.parametrize(
+    "seed, skip, n",
+    [(0, 0, 0), (0, 0, 1), (3, 0, 623), (3, 0, 624), (3, 0, 625), (5, 1, 5000), (9, 700, 1249)],
+)
+def test_keep_mask_is_torch_rand_from_the_same_state(seed, skip, n):
+    """keep_mask draws torch.rand's uniforms from the generator's own MT19937 state: the
+    same mask, the generator left where torch.rand leaves it (the next draws agree), for
+    fresh and advanced generators and lengths around the 624-word refill."""
+    ref = torch.Generator().manual_seed(seed)
+    if skip:
+        torch.rand(skip, generator=ref)
+    mine = torch.Generator()
+    mine.set_state(ref.get_state())
+    probs = torch.rand(n, generator=torch.Generator().manual_seed(seed + 100))
+    for p, pr in ((0.3, None), (0.0, None), (1.0, None), (0.0, probs)):
+        want = torch.rand(n, generator=ref) < (p if pr is None else pr)
+        got = _fused.keep_mask(n, mine, p, pr)
+        assert got is not None and got.dtype == torch.bool
+        assert torch.equal(got, want)
+        assert torch.equal(mine.get_state(), ref.get_state())
+    assert torch.equal(torch.rand(7, generator=mine), torch.rand(7, generator=ref))
+
+
+def test_keep_mask_falls_back_when_the_state_is_not_recognised(monkeypatch):
+    """If the once-per-process check against torch.rand fails (a torch build with another
+    generator), keep_mask declines and DARE draws with torch: the same mask either way."""
+    monkeypatch.setitem(_fused._state, "mt", False)
+    assert _fused.keep_mask(10, torch.Generator().manual_seed(1), 0.5) is None
+    got = dare_mask(
+        torch.Size([3, 500]), 0.4, torch.Generator().manual_seed(2), torch.device("cpu")
+    )
+    want = torch.rand(3, 500, generator=torch.Generator().manual_seed(2)) < 0.4
+    assert torch.equal(got, want)

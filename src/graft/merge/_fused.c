@@ -432,6 +432,79 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
     return bad ? 1 : nan ? 4 : 0;
 }
 
+/* Keep-masks from torch's CPU generator, drawn as torch.rand draws them.
+ *
+ * torch's CPU generator is MT19937; a float32 uniform is the low 24 bits of one 32-bit
+ * output times 2^-24, drawn serially. `state` is the generator's state as
+ * Generator.get_state() returns it (5056 bytes; at byte 8 an int32 `left`, at 16 a
+ * uint64 `next`, at 24 the 624 state words as uint64), updated in place so that
+ * set_state() continues the stream exactly where torch.rand would leave it. keep[i] =
+ * u_i < p, or u_i < probs[i] when probs is given. The caller checks once per process
+ * that this matches torch.rand (graft/merge/_fused.py). Returns 0, 3 on a state it does
+ * not recognise. */
+/* A state word tempered into an output, then torch's float32 uniform: its low 24 bits
+ * times 2^-24 (exact). */
+static inline float mt_uniform(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return (float)(y & 0xffffffu) * 5.9604644775390625e-08f;
+}
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    uint32_t y = (u & 0x80000000u) | (v & 0x7fffffffu);
+    return (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+
+int graft_mt_keep(uint8_t *state, int64_t n, float p, const float *probs, uint8_t *keep) {
+    int32_t left;
+    uint64_t next, w;
+    uint32_t mt[624];
+    memcpy(&left, state + 8, 4);
+    memcpy(&next, state + 16, 8);
+    if (left < 1 || left > 625 || next > 624) return 3;
+    for (int i = 0; i < 624; i++) {
+        memcpy(&w, state + 24 + 8 * (size_t)i, 8);
+        if (w >> 32) return 3;
+        mt[i] = (uint32_t)w;
+    }
+    /* outputs left before the next twist: state words next .. next + avail - 1 */
+    int64_t avail = left - 1, pos = (int64_t)next, i = 0;
+    if (avail > 0 && pos + avail != 624) return 3;
+    while (i < n) {
+        if (avail == 0) { /* the reference algorithm's twist, in place, in three runs */
+            int k = 0;
+            for (; k < 227; k++) mt[k] = mt[k + 397] ^ mt_twist(mt[k], mt[k + 1]);
+            for (; k < 623; k++) mt[k] = mt[k - 227] ^ mt_twist(mt[k], mt[k + 1]);
+            mt[623] = mt[396] ^ mt_twist(mt[623], mt[0]);
+            pos = 0;
+            avail = 624;
+        }
+        int64_t take = n - i < avail ? n - i : avail;
+        const uint32_t *src = mt + pos;
+        uint8_t *dst = keep + i;
+        if (probs) {
+            const float *pr = probs + i;
+            for (int64_t t = 0; t < take; t++) dst[t] = mt_uniform(src[t]) < pr[t];
+        } else {
+            for (int64_t t = 0; t < take; t++) dst[t] = mt_uniform(src[t]) < p;
+        }
+        i += take;
+        pos += take;
+        avail -= take;
+    }
+    left = (int32_t)(avail + 1);
+    next = (uint64_t)pos;
+    memcpy(state + 8, &left, 4);
+    memcpy(state + 16, &next, 8);
+    for (int k = 0; k < 624; k++) {
+        w = mt[k];
+        memcpy(state + 24 + 8 * (size_t)k, &w, 8);
+    }
+    return 0;
+}
+
 /* DELLA's keep probabilities: within each row of |d| (rows x cols, row-major), the rank r
  * of an entry in a stable ascending sort gives p = lo + span * (r / (cols - 1)), each step
  * rounded to float32 as torch does (cols == 1: r / (cols - 1) is 0.5). Stable LSD radix

@@ -97,6 +97,7 @@ def _build() -> ctypes.CDLL | None:
     lib.graft_merge.restype = ctypes.c_int
     lib.graft_della_probs.restype = ctypes.c_int
     lib.graft_finite.restype = ctypes.c_int
+    lib.graft_mt_keep.restype = ctypes.c_int
     return lib
 
 
@@ -176,6 +177,78 @@ def all_finite(t: torch.Tensor) -> bool | None:
     return bool(
         lib.graft_finite(ctypes.c_void_p(t.data_ptr()), _CODES[t.dtype], ctypes.c_int64(t.numel()))
     )
+
+
+_MT_STATE_BYTES = 5056  # torch's CPU generator state (Generator.get_state())
+
+
+def keep_mask(
+    n: int,
+    generator: torch.Generator,
+    p: float = 0.0,
+    probs: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``torch.rand(n, generator=generator) < p`` (``< probs`` when given, float32 of n),
+    drawn in C from the generator's own MT19937 state, which is then advanced exactly as
+    torch.rand advances it: the same masks and the same stream after, without torch's
+    serial per-entry draw (about 4 ns per entry). None where this does not apply (no
+    kernel, a non-CPU generator, a state this torch build lays out differently: checked
+    once per process against torch.rand); the caller then draws with torch. Like
+    torch.rand, not for one generator shared by threads at once."""
+    if generator.device.type != "cpu" or not _mt_matches_torch():
+        return None
+    return _mt_keep(n, generator, p, probs)
+
+
+def _mt_keep(n, generator, p, probs):
+    lib = library()
+    if lib is None:
+        return None
+    state = generator.get_state()
+    if state.numel() != _MT_STATE_BYTES or state.dtype != torch.uint8:
+        return None
+    if probs is not None:
+        probs = probs.contiguous()
+        if probs.dtype != torch.float32 or probs.numel() != n or probs.device.type != "cpu":
+            return None
+    keep = torch.empty(n, dtype=torch.bool)
+    rc = lib.graft_mt_keep(
+        ctypes.c_void_p(state.data_ptr()), ctypes.c_int64(n), ctypes.c_float(p),
+        ctypes.c_void_p(probs.data_ptr() if probs is not None else 0),
+        ctypes.c_void_p(keep.data_ptr()),
+    )  # fmt: skip
+    if rc != 0:
+        return None
+    generator.set_state(state)
+    return keep
+
+
+def _mt_matches_torch() -> bool:
+    """Once per process: `_mt_keep` against torch.rand, masks and the state after, from a
+    fresh and from an advanced generator, across the 624-word refills, with a scalar p
+    that float32 rounds and with per-entry probabilities."""
+    with _lock:
+        if "mt" in _state:
+            return _state["mt"]  # type: ignore[return-value]
+    ok = True
+    for seed, skip, n in ((1234, 0, 2000), (99, 617, 1500), (7, 1, 624)):
+        ref = torch.Generator().manual_seed(seed)
+        if skip:
+            torch.rand(skip, generator=ref)
+        mine = torch.Generator()
+        mine.set_state(ref.get_state())
+        probs = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+        u = torch.rand(n, generator=ref)
+        got = _mt_keep(n, mine, 0.3, None)
+        ok = ok and got is not None and torch.equal(got, u < 0.3)
+        ok = ok and torch.equal(ref.get_state(), mine.get_state())
+        u = torch.rand(n, generator=ref)
+        got = _mt_keep(n, mine, 0.0, probs)
+        ok = ok and got is not None and torch.equal(got, u < probs)
+        ok = ok and torch.equal(ref.get_state(), mine.get_state())
+    with _lock:
+        _state["mt"] = ok
+    return ok
 
 
 def _ptrs(ts: Sequence[torch.Tensor | None]):

@@ -25,6 +25,7 @@ Conventions that change results:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,15 @@ _RESCALE_DOC = "rescale kept entries (see rescale_mode) so the delta is unbiased
 def dare_mask(
     shape: torch.Size, density: float, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
-    """Bernoulli keep-mask: each entry is true with probability ``density``."""
+    """Bernoulli keep-mask: each entry is true with probability ``density``.
+
+    The mask is ``torch.rand(shape, generator=generator) < density``. With a CPU generator
+    it is drawn in C from the generator's own state (`graft.merge._fused.keep_mask`:
+    the same mask, the generator advanced as torch.rand advances it, ~10x faster)."""
+    if generator is not None and generator.device.type == "cpu":
+        fast = _fused.keep_mask(math.prod(shape), generator, density)
+        if fast is not None:
+            return fast.view(shape).to(device)
     draw_device = generator.device if generator is not None else device
     keep = torch.empty(shape, dtype=torch.bool, device=draw_device)
     flat = keep.view(-1)

@@ -138,11 +138,15 @@ def _magprune(
     probs = _fused.della_probs(tensor, base, density, epsilon)
     if probs is None:
         return None
-    keep = torch.empty(probs.shape, dtype=torch.bool)
-    flat, pflat = keep.view(-1), probs.view(-1)
-    for start in range(0, flat.numel(), _DRAW_SLICE):  # serial fills: one draw of numel
-        u = torch.rand(min(_DRAW_SLICE, flat.numel() - start), generator=generator)
-        torch.lt(u, pflat[start : start + u.numel()], out=flat[start : start + u.numel()])
+    keep = _fused.keep_mask(probs.numel(), generator, probs=probs.view(-1))
+    if keep is not None:  # torch.rand's draws, from the generator's own state, in C
+        keep = keep.view(probs.shape)
+    else:
+        keep = torch.empty(probs.shape, dtype=torch.bool)
+        flat, pflat = keep.view(-1), probs.view(-1)
+        for start in range(0, flat.numel(), _DRAW_SLICE):  # serial fills: one draw of numel
+            u = torch.rand(min(_DRAW_SLICE, flat.numel() - start), generator=generator)
+            torch.lt(u, pflat[start : start + u.numel()], out=flat[start : start + u.numel()])
     return _fused.Sparsifier(_fused.PROB, mask=keep, probs=probs)
 
 
