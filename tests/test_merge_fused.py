@@ -261,11 +261,7 @@ def test_keep_mask_is_torch_rand_from_the_same_state(seed, skip, n):
     """keep_mask draws torch.rand's uniforms from the generator's own MT19937 state: the
     same mask, the generator left where torch.rand leaves it (the next draws agree), for
     fresh and advanced generators and lengths around the 624-word refill."""
-    ref = torch.Generator().manual_seed(seed)
-    if skip:
-        torch.rand(skip, generator=ref)
-    mine = torch.Generator()
-    mine.set_state(ref.get_state())
+    ref, mine = _fused.twin_generators(seed, skip)
     probs = torch.rand(n, generator=torch.Generator().manual_seed(seed + 100))
     for p, pr in ((0.3, None), (0.0, None), (1.0, None), (0.0, probs)):
         want = torch.rand(n, generator=ref) < (p if pr is None else pr)

@@ -223,6 +223,16 @@ def _mt_keep(n, generator, p, probs):
     return keep
 
 
+def twin_generators(seed: int, skip: int) -> tuple[torch.Generator, torch.Generator]:
+    """Two CPU generators in the same state: seeded with ``seed``, then ``skip`` draws."""
+    ref = torch.Generator().manual_seed(seed)
+    if skip:
+        torch.rand(skip, generator=ref)
+    mine = torch.Generator()
+    mine.set_state(ref.get_state())
+    return ref, mine
+
+
 def _mt_matches_torch() -> bool:
     """Once per process: `_mt_keep` against torch.rand, masks and the state after, from a
     fresh and from an advanced generator, across the 624-word refills, with a scalar p
@@ -232,11 +242,7 @@ def _mt_matches_torch() -> bool:
             return _state["mt"]  # type: ignore[return-value]
     ok = True
     for seed, skip, n in ((1234, 0, 2000), (99, 617, 1500), (7, 1, 624)):
-        ref = torch.Generator().manual_seed(seed)
-        if skip:
-            torch.rand(skip, generator=ref)
-        mine = torch.Generator()
-        mine.set_state(ref.get_state())
+        ref, mine = twin_generators(seed, skip)
         probs = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
         u = torch.rand(n, generator=ref)
         got = _mt_keep(n, mine, 0.3, None)
