@@ -191,7 +191,7 @@ def keep_mask(
     """``torch.rand(n, generator=generator) < p`` (``< probs`` when given, float32 of n),
     drawn in C from the generator's own MT19937 state, which is then advanced exactly as
     torch.rand advances it: the same masks and the same stream after, without torch's
-    serial per-entry draw (about 4 ns per entry). None where this does not apply (no
+    serial per-entry draw (4-8 ns per entry here, 0.7 ns in C). None where this does not apply (no
     kernel, a non-CPU generator, a state this torch build lays out differently: checked
     once per process against torch.rand); the caller then draws with torch. Like
     torch.rand, not for one generator shared by threads at once."""
