@@ -282,3 +282,44 @@ def test_keep_mask_falls_back_when_the_state_is_not_recognised(monkeypatch):
     )
     want = torch.rand(3, 500, generator=torch.Generator().manual_seed(2)) < 0.4
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_engine_output_is_the_torch_paths_for_every_out_dtype(method, tmp_path, monkeypatch):
+    """Through the engine (which hands the fused kernel the dtype it writes): the written
+    file is byte for byte the torch path's, for bf16 inputs written as bf16, f16, f32,
+    f64 and FP8 with block scales, and for a float16 compute dtype."""
+    import yaml
+
+    from graft.io import save_state_dict
+    from graft.plan import plan_merge, run_plan
+    from graft.recipe import parse_recipe
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.weight": torch.randn(256, 160, generator=g) for i in range(2)}
+    for name, sd in [("base", base)] + [
+        (f"ft{k}", {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()})
+        for k in range(3)
+    ]:
+        save_state_dict({n: t.bfloat16() for n, t in sd.items()}, tmp_path / name)
+    for extra in ({}, {"out_dtype": "float16"}, {"out_dtype": "float32"},
+                  {"out_dtype": "float64"}, {"out_dtype": "float8_e4m3fn"}, {"dtype": "float16"}):  # fmt: skip
+        doc = {
+            "merge_method": method,
+            "base_model": str(tmp_path / "base"),
+            "models": [
+                {"model": str(tmp_path / f"ft{k}"), "parameters": {"weight": 1.0, "density": 0.5}}
+                for k in range(3)
+            ],
+            "parameters": {"normalize": True},
+            **extra,
+        }
+        outs = []
+        for fused in ("1", "0"):
+            monkeypatch.setenv("GRAFT_FUSED", fused)
+            plan = plan_merge(parse_recipe(yaml.safe_dump(doc)))
+            out = tmp_path / f"out-{fused}"
+            run_plan(plan, out, threads=2, force=True)
+            plan.close()
+            outs.append((out / "model.safetensors").read_bytes())
+        assert outs[0] == outs[1], extra
