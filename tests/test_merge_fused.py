@@ -282,6 +282,10 @@ def test_keep_mask_falls_back_when_the_state_is_not_recognised(monkeypatch):
     )
     want = torch.rand(3, 500, generator=torch.Generator().manual_seed(2)) < 0.4
     assert torch.equal(got, want)
+    probs = torch.rand(3, 500, generator=torch.Generator().manual_seed(3))  # DELLA's form
+    got = dare_mask(probs.shape, probs, torch.Generator().manual_seed(2), torch.device("cpu"))
+    want = torch.rand(3, 500, generator=torch.Generator().manual_seed(2)) < probs
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])

@@ -48,15 +48,22 @@ _RESCALE_DOC = "rescale kept entries (see rescale_mode) so the delta is unbiased
 
 
 def dare_mask(
-    shape: torch.Size, density: float, generator: torch.Generator | None, device: torch.device
+    shape: torch.Size,
+    density: float | torch.Tensor,
+    generator: torch.Generator | None,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Bernoulli keep-mask: each entry is true with probability ``density``.
+    """Bernoulli keep-mask: each entry is true with probability ``density``, or with its own
+    probability where ``density`` is a float32 tensor of ``shape`` on the generator's device
+    (DELLA's MagPrune).
 
     The mask is ``torch.rand(shape, generator=generator) < density``. With a CPU generator
     it is drawn in C from the generator's own state (`graft.merge._fused.keep_mask`:
     the same mask, the generator advanced as torch.rand advances it, ~10x faster)."""
+    probs = density.reshape(-1) if isinstance(density, torch.Tensor) else None
     if generator is not None and generator.device.type == "cpu":
-        fast = _fused.keep_mask(math.prod(shape), generator, density)
+        p = 0.0 if probs is not None else density
+        fast = _fused.keep_mask(math.prod(shape), generator, p, probs)
         if fast is not None:
             return fast.view(shape).to(device)
     draw_device = generator.device if generator is not None else device
@@ -68,7 +75,8 @@ def dare_mask(
         u = torch.rand(
             min(_DRAW_SLICE, flat.numel() - start), generator=generator, device=draw_device
         )
-        torch.lt(u, density, out=flat[start : start + u.numel()])
+        below = density if probs is None else probs[start : start + u.numel()]
+        torch.lt(u, below, out=flat[start : start + u.numel()])
     return keep.to(device)
 
 

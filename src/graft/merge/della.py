@@ -42,6 +42,7 @@ from graft.merge._task_vectors import (
     unit_interval_check,
     widen,
 )
+from graft.merge.dare import dare_mask
 
 
 def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -138,15 +139,7 @@ def _magprune(
     probs = _fused.della_probs(tensor, base, density, epsilon)
     if probs is None:
         return None
-    keep = _fused.keep_mask(probs.numel(), generator, probs=probs.view(-1))
-    if keep is not None:  # torch.rand's draws, from the generator's own state, in C
-        keep = keep.view(probs.shape)
-    else:
-        keep = torch.empty(probs.shape, dtype=torch.bool)
-        flat, pflat = keep.view(-1), probs.view(-1)
-        for start in range(0, flat.numel(), _DRAW_SLICE):  # serial fills: one draw of numel
-            u = torch.rand(min(_DRAW_SLICE, flat.numel() - start), generator=generator)
-            torch.lt(u, pflat[start : start + u.numel()], out=flat[start : start + u.numel()])
+    keep = dare_mask(probs.shape, probs, generator, probs.device)  # torch.rand's draws
     return _fused.Sparsifier(_fused.PROB, mask=keep, probs=probs)
 
 
@@ -289,8 +282,6 @@ def della_linear(
         generator=generator,
     )
 
-
-_DRAW_SLICE = 1 << 20
 
 _EPSILON = Param(
     "epsilon",
