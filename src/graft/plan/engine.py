@@ -331,10 +331,9 @@ def _run_bounded(
         return
     sizes = [cost(j) for j in jobs]
     budget = max(sizes, default=0) * (1 + (threads - 1) / 4)
-    # waiting jobs, largest first (stable: equal sizes keep their order); `keys` mirrors
-    # it ascending for bisect: the first waiting job that fits is the largest that does
+    # waiting jobs, largest first (stable: equal sizes keep their order), so the first
+    # one that fits (a bisect on -size) is the largest that does
     waiting = sorted(range(len(jobs)), key=lambda i: -sizes[i])
-    keys = [-sizes[i] for i in waiting]
     pending: dict[Future, int] = {}
     in_flight = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="graft") as pool:
@@ -342,11 +341,11 @@ def _run_bounded(
             while waiting or pending:
                 while waiting and len(pending) < threads:
                     # nothing in flight: the largest job starts whatever its size
-                    at = bisect_left(keys, -(budget - in_flight)) if pending else 0
+                    room = budget - in_flight
+                    at = bisect_left(waiting, -room, key=lambda j: -sizes[j]) if pending else 0
                     if at == len(waiting):
                         break
                     i = waiting.pop(at)
-                    del keys[at]
                     pending[pool.submit(worker, jobs[i])] = i
                     in_flight += sizes[i]
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
