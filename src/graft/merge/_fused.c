@@ -163,18 +163,18 @@ static inline uint16_t to_f16(float f) {
 
 /* Store len float32 values at dst + off in dtype dt; returns nonzero on a NaN. */
 static int narrow(const float *src, int dt, void *dst, int64_t off, int len) {
+    if (dt == DT_F32) { /* float32 NaNs are stored as they are */
+        memcpy((float *)dst + off, src, sizeof(float) * (size_t)len);
+        return 0;
+    }
     uint32_t nan = 0;
     for (int j = 0; j < len; j++) nan |= (f2u(src[j]) & 0x7fffffffu) > 0x7f800000u;
-    if (dt == DT_F32) {
-        memcpy((float *)dst + off, src, sizeof(float) * (size_t)len);
-    } else if (dt == DT_BF16) {
-        uint16_t *d = (uint16_t *)dst + off;
+    uint16_t *d = (uint16_t *)dst + off;
+    if (dt == DT_BF16)
         for (int j = 0; j < len; j++) d[j] = to_bf16(src[j]);
-    } else {
-        uint16_t *d = (uint16_t *)dst + off;
+    else
         for (int j = 0; j < len; j++) d[j] = to_f16(src[j]);
-    }
-    return dt != DT_F32 && nan != 0;
+    return nan != 0;
 }
 
 /* Exact top-k thresholds.
