@@ -137,6 +137,43 @@ def test_della_probs_are_the_argsort_ranks(dtype):
     _same_bits(got, want)
 
 
+def _rows(kind, rows, cols, g):
+    """Deltas that take each of the kernel's rank paths (value buckets, the radix sort)."""
+    x = torch.randn(rows, cols, generator=g)
+    if kind == "cubed":  # heavy tails crowd the low buckets: the radix sort's rows
+        return x**3
+    if kind == "mixed":  # heavy rows, then ordinary ones: buckets are tried again
+        x[: rows // 2] = x[: rows // 2] ** 5
+        return x
+    if kind == "steps":  # few distinct values, long runs of equal |d| in one bucket
+        return torch.randint(-4, 5, (rows, cols), generator=g).float() * 0.125
+    if kind == "outlier":  # one huge entry per row squeezes the rest into a few buckets
+        x[:, cols // 2] = 1e30
+        return x
+    if kind == "special":  # an all-zero row, subnormals (the test adds an inf delta)
+        x[0] = 0.0
+        x[2] = x[2] * 1e-40
+        return x
+    return x  # gaussian: distinct values, a few per bucket out of order
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "cubed", "mixed", "steps", "outlier", "special"])
+@pytest.mark.parametrize("cols", [1, 2, 7, 1024, 1031])
+def test_della_probs_ranks_on_every_path(kind, cols):
+    """The kernel's ranks are torch's stable argsort ranks whichever way it sorts a row."""
+    g = torch.Generator().manual_seed(cols)
+    rows = 80  # more than 32: rows after four give-ups, and the 32nd row's retry
+    delta = _rows(kind, rows, cols, g)
+    base = torch.randn(rows, cols, generator=g).mul(0.01)
+    ft = base + delta
+    if kind == "special":  # finite inputs whose float32 difference overflows to inf
+        ft[1, -1], base[1, -1] = torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
+    d = ft - base  # what the kernel ranks: the float32 difference of the stored inputs
+    want = della_keep_probs(d, 0.5, 0.2)
+    got = _fused.della_probs(ft, base, 0.5, 0.2)
+    _same_bits(got, want)
+
+
 def test_dare_mask_slices_are_one_draw():
     """dare_mask draws in slices; the result is one torch.rand of the whole shape."""
     n = (1 << 20) + 12345  # more than one slice, and a ragged last one
