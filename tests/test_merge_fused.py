@@ -325,6 +325,35 @@ def test_keep_mask_falls_back_when_the_state_is_not_recognised(monkeypatch):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape, skip", [((7, 100), 0), ((3, 700), 5), ((2000,), 620), ((1, 1), 3)])
+def test_della_draw_in_the_rank_pass_is_torch_rand(shape, skip):
+    """della_probs with a generator draws MagPrune's mask row by row as one
+    torch.rand(shape) < probs: probabilities where kept, +0 where dropped, the generator
+    left where torch.rand leaves it (rows crossing the 624-word refills)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g).bfloat16()
+    ft = (base.float() + torch.randn(shape, generator=g) * 0.05).bfloat16()
+    ref, mine = _fused.twin_generators(4, skip)
+    probs = _fused.della_probs(ft, base, 0.5, 0.2)
+    keep = torch.rand(shape, generator=ref) < probs
+    got = _fused.della_probs(ft, base, 0.5, 0.2, mine)
+    _same_bits(got, torch.where(keep, probs, 0.0))
+    assert torch.equal(mine.get_state(), ref.get_state())
+    assert 0 < int(keep.sum()) < keep.numel() or keep.numel() == 1
+
+
+def test_della_with_torch_draws_is_the_fused_draw(monkeypatch):
+    """When the C draw is declined (the generator check fails), DELLA draws its masks with
+    torch and hands the kernel mask and probabilities: the same merge, bit for bit."""
+    fts, base = _family((257, 33), torch.bfloat16, 3, seed=9)
+    kwargs = dict(weight=[1.0, 0.5, 0.8], density=[0.5, 0.4, 1.0], epsilon=[0.1, 0.3, 0.2])
+    fused = della(fts, base, **kwargs, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setitem(_fused._state, "mt", False)
+    assert _fused.della_probs(fts[0], base, 0.5, 0.1, torch.Generator()) is None
+    torch_drawn = della(fts, base, **kwargs, generator=torch.Generator().manual_seed(4))
+    _same_bits(fused, torch_drawn)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
 def test_engine_output_is_the_torch_paths_for_every_out_dtype(method, tmp_path, monkeypatch):
     """Through the engine (which hands the fused kernel the dtype it writes): the written

@@ -299,8 +299,9 @@ static void cut_chunk(cut_t *c, const uint32_t *key, int len, uint8_t *in) {
  *
  * cut_a / cut_b: per model, index of its cuts (-1: none, -2: all). masks: per model a
  * uint8 keep-mask (M_MASK, M_PROB) or NULL. probs: per model float32 keep probabilities
- * (M_PROB) or NULL. pdiv: per model divisor of M_MASK when rescale. out: n values of
- * dtype out_dt, each the float32 result rounded as torch's cast rounds it.
+ * (M_PROB; with a NULL mask +0 marks a dropped entry) or NULL. pdiv: per model divisor
+ * of M_MASK when rescale. out: n values of dtype out_dt, each the float32 result rounded
+ * as torch's cast rounds it.
  * Returns 0, 1 on a NaN/Inf input (out is then garbage), 2 when out of memory, 4 when a
  * result is NaN and out_dt is not float32 (out is then garbage).
  */
@@ -371,8 +372,15 @@ int graft_merge(int64_t n, int T, const void *base, int base_dt, const void *con
                 for (int j = 0; j < len; j++) d[j] = 0.0f;
                 break;
             case M_PROB: {
-                const uint8_t *mk = masks[m] + s;
                 const float *p = probs[m] + s;
+                if (!masks[m]) { /* p is +0 where dropped (graft_della_probs' draw) */
+                    if (rescale)
+                        for (int j = 0; j < len; j++) d[j] = p[j] != 0.0f ? d[j] / p[j] : 0.0f;
+                    else
+                        for (int j = 0; j < len; j++) d[j] = p[j] != 0.0f ? d[j] : 0.0f;
+                    break;
+                }
+                const uint8_t *mk = masks[m] + s;
                 for (int j = 0; j < len; j++) d[j] = mk[j] ? d[j] : 0.0f;
                 if (rescale)
                     for (int j = 0; j < len; j++) d[j] = d[j] / p[j];
@@ -457,32 +465,67 @@ static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
     return (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
 }
 
-int graft_mt_keep(uint8_t *state, int64_t n, float p, const float *probs, uint8_t *keep) {
+/* The generator between calls: its 624 words, the next one to use and how many are left
+ * before the next twist. */
+typedef struct {
+    uint32_t mt[624];
+    int64_t pos, avail;
+} mt_gen;
+
+/* 0, or 3 on a state it does not recognise. */
+static int mt_load(const uint8_t *state, mt_gen *g) {
     int32_t left;
     uint64_t next, w;
-    uint32_t mt[624];
     memcpy(&left, state + 8, 4);
     memcpy(&next, state + 16, 8);
     if (left < 1 || left > 625 || next > 624) return 3;
     for (int i = 0; i < 624; i++) {
         memcpy(&w, state + 24 + 8 * (size_t)i, 8);
         if (w >> 32) return 3;
-        mt[i] = (uint32_t)w;
+        g->mt[i] = (uint32_t)w;
     }
     /* outputs left before the next twist: state words next .. next + avail - 1 */
-    int64_t avail = left - 1, pos = (int64_t)next, i = 0;
-    if (avail > 0 && pos + avail != 624) return 3;
-    while (i < n) {
-        if (avail == 0) { /* the reference algorithm's twist, in place, in three runs */
-            int k = 0;
-            for (; k < 227; k++) mt[k] = mt[k + 397] ^ mt_twist(mt[k], mt[k + 1]);
-            for (; k < 623; k++) mt[k] = mt[k - 227] ^ mt_twist(mt[k], mt[k + 1]);
-            mt[623] = mt[396] ^ mt_twist(mt[623], mt[0]);
-            pos = 0;
-            avail = 624;
-        }
-        int64_t take = n - i < avail ? n - i : avail;
-        const uint32_t *src = mt + pos;
+    g->avail = left - 1;
+    g->pos = (int64_t)next;
+    if (g->avail > 0 && g->pos + g->avail != 624) return 3;
+    return 0;
+}
+
+static void mt_save(const mt_gen *g, uint8_t *state) {
+    int32_t left = (int32_t)(g->avail + 1);
+    uint64_t next = (uint64_t)g->pos, w;
+    memcpy(state + 8, &left, 4);
+    memcpy(state + 16, &next, 8);
+    for (int k = 0; k < 624; k++) {
+        w = g->mt[k];
+        memcpy(state + 24 + 8 * (size_t)k, &w, 8);
+    }
+}
+
+/* The next run of untempered words (at most n, at least 1), twisting first when none are
+ * left: the reference algorithm's twist, in place, in three runs. */
+static const uint32_t *mt_words(mt_gen *g, int64_t n, int64_t *take) {
+    if (g->avail == 0) {
+        uint32_t *mt = g->mt;
+        int k = 0;
+        for (; k < 227; k++) mt[k] = mt[k + 397] ^ mt_twist(mt[k], mt[k + 1]);
+        for (; k < 623; k++) mt[k] = mt[k - 227] ^ mt_twist(mt[k], mt[k + 1]);
+        mt[623] = mt[396] ^ mt_twist(mt[623], mt[0]);
+        g->pos = 0;
+        g->avail = 624;
+    }
+    *take = n < g->avail ? n : g->avail;
+    const uint32_t *src = g->mt + g->pos;
+    g->pos += *take;
+    g->avail -= *take;
+    return src;
+}
+
+int graft_mt_keep(uint8_t *state, int64_t n, float p, const float *probs, uint8_t *keep) {
+    mt_gen g;
+    if (mt_load(state, &g)) return 3;
+    for (int64_t i = 0, take; i < n; i += take) {
+        const uint32_t *src = mt_words(&g, n - i, &take);
         uint8_t *dst = keep + i;
         if (probs) {
             const float *pr = probs + i;
@@ -490,18 +533,8 @@ int graft_mt_keep(uint8_t *state, int64_t n, float p, const float *probs, uint8_
         } else {
             for (int64_t t = 0; t < take; t++) dst[t] = mt_uniform(src[t]) < p;
         }
-        i += take;
-        pos += take;
-        avail -= take;
     }
-    left = (int32_t)(avail + 1);
-    next = (uint64_t)pos;
-    memcpy(state + 8, &left, 4);
-    memcpy(state + 16, &next, 8);
-    for (int k = 0; k < 624; k++) {
-        w = mt[k];
-        memcpy(state + 24 + 8 * (size_t)k, &w, 8);
-    }
+    mt_save(&g, state);
     return 0;
 }
 
@@ -602,10 +635,17 @@ place_ranks(int64_t n, const uint64_t *packed, const uint32_t *order, const floa
  * rounded to float32 as torch does (cols == 1: r / (cols - 1) is 0.5). The order comes from
  * `bucket_order`, or from `radix_order` on the rows it gives up on; after four give-ups in
  * a row (a tensor's rows are alike) only every 32nd row tries buckets again.
- * Returns 0, 1 on a NaN/Inf input, 2 when out of memory.
+ * With a generator `state` (as graft_mt_keep takes it) MagPrune's draw follows, row by
+ * row in flat order as torch.rand(shape) < probs draws it: probs[i] is then its
+ * probability where entry i is kept and +0 where it is dropped (p > 0 for DELLA, so +0
+ * means dropped), and the state is advanced past rows * cols draws.
+ * Returns 0, 1 on a NaN/Inf input, 2 when out of memory, 3 on an unknown state.
  */
 int graft_della_probs(int64_t rows, int64_t cols, const void *base, int base_dt,
-                      const void *ft, int ft_dt, float lo, float span, float *probs) {
+                      const void *ft, int ft_dt, float lo, float span, uint8_t *state,
+                      float *probs) {
+    mt_gen gen;
+    if (state && mt_load(state, &gen)) return 3;
     size_t n = (size_t)cols;
     uint32_t *key = malloc(sizeof(uint32_t) * 2 * n);
     uint32_t *idx = malloc(sizeof(uint32_t) * 2 * n);
@@ -645,7 +685,13 @@ int graft_della_probs(int64_t rows, int64_t cols, const void *base, int base_dt,
             const uint32_t *order = radix_order(cols, key, idx, key + cols, idx + cols);
             place_ranks(cols, NULL, order, prob, probs + off);
         }
+        for (int64_t j = 0, take; state && j < cols; j += take) { /* draw while in cache */
+            const uint32_t *src = mt_words(&gen, cols - j, &take);
+            float *q = probs + off + j;
+            for (int64_t t = 0; t < take; t++) q[t] = mt_uniform(src[t]) < q[t] ? q[t] : 0.0f;
+        }
     }
+    if (state && !bad) mt_save(&gen, state);
     free(key);
     free(idx);
     free(packed);

@@ -122,7 +122,8 @@ class Sparsifier:
     cut(s) (``TOPK_MUL``: the ``k`` largest |δ|, ties to the lower index; ``BAND``: the
     ``k`` largest minus the ``k2`` largest, ties to the higher index). ``mask``: a bool
     keep-mask (``MASK``, ``PROB``); ``p``: the divisor of kept entries (``MASK`` with
-    rescale); ``probs``: float32 keep probabilities (``PROB``).
+    rescale); ``probs``: float32 keep probabilities (``PROB``; with no mask, +0 marks a
+    dropped entry: `della_probs` with a generator).
     """
 
     mode: int = DENSE
@@ -350,13 +351,29 @@ def merge(
 
 
 def della_probs(
-    tensor: torch.Tensor, base: torch.Tensor, density: float, epsilon: float
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | None:
     """`graft.merge.della.della_keep_probs` of ``tensor - base``, computed from the stored
-    inputs without a float32 delta or argsort; None where the kernel does not apply."""
+    inputs without a float32 delta or argsort; None where the kernel does not apply.
+
+    With a CPU ``generator`` MagPrune's draw is made in the same pass, as `keep_mask`
+    would make it (``torch.rand(shape) < probs``, the generator advanced likewise): the
+    result is then each entry's probability where it is kept and +0 where it is dropped
+    (a ``PROB`` sparsifier with no mask). None also where that draw does not apply."""
     lib = library()
     if lib is None or not usable([tensor], base):
         return None
+    state = None
+    if generator is not None:
+        if generator.device.type != "cpu" or not _mt_matches_torch():
+            return None
+        state = generator.get_state()
+        if state.numel() != _MT_STATE_BYTES or state.dtype != torch.uint8:
+            return None
     tensor, base = tensor.contiguous(), base.contiguous()
     rows = base.shape[0] if base.dim() >= 2 else 1
     cols = base.numel() // rows
@@ -366,6 +383,11 @@ def della_probs(
         ctypes.c_void_p(base.data_ptr()), _CODES[base.dtype],
         ctypes.c_void_p(tensor.data_ptr()), _CODES[tensor.dtype],
         ctypes.c_float(density - epsilon), ctypes.c_float(2 * epsilon),
+        ctypes.c_void_p(state.data_ptr() if state is not None else 0),
         ctypes.c_void_p(out.data_ptr()),
     )  # fmt: skip
-    return out if rc == 0 else None
+    if rc != 0:
+        return None
+    if state is not None:
+        generator.set_state(state)
+    return out

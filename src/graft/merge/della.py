@@ -136,6 +136,9 @@ def _magprune(
     if density >= 1:
         return _fused.Sparsifier(_fused.DENSE)
     _check(density, epsilon)
+    kept = _fused.della_probs(tensor, base, density, epsilon, generator)
+    if kept is not None:  # probabilities and draws in one pass; +0 where dropped
+        return _fused.Sparsifier(_fused.PROB, probs=kept)
     probs = _fused.della_probs(tensor, base, density, epsilon)
     if probs is None:
         return None
