@@ -620,9 +620,13 @@ static int bucket_order(int64_t n, const uint32_t *key, uint32_t kmax, uint32_t 
 /* p[index of rank r] = prob[r], for the order of `bucket_order` (packed, when non-NULL)
  * or `radix_order`. Kept scalar: gcc would vectorize it as a scatter, which on AMD Zen is
  * microcoded and slower than these plain stores (measured: a quarter of della's ranking). */
-__attribute__((optimize("no-tree-vectorize"))) static void
-place_ranks(int64_t n, const uint64_t *packed, const uint32_t *order, const float *prob,
-            float *p) {
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define NO_VECTORIZE
+#endif
+NO_VECTORIZE static void place_ranks(int64_t n, const uint64_t *packed, const uint32_t *order,
+                                     const float *prob, float *p) {
     if (packed) {
         for (int64_t r = 0; r < n; r++) p[(uint32_t)packed[r]] = prob[r];
     } else {
