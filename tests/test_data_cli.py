@@ -674,3 +674,57 @@ def test_hub_ids_resolve_from_the_local_cache_for_data_commands(family, tmp_path
     assert by_id[key]["accuracy"] == by_path[key]["accuracy"]
     r = _cli("eval", "acme/missing", *args, ok=False)
     assert r.exit_code != 0 and "never downloads" in str(r.exception)
+
+
+def test_long_rows_are_truncated_at_the_models_position_limit(family, tmp_path):
+    """A row longer than the position table (64 here) is cut at 64 tokens, whatever the
+    default (256) or --max-length asks; before, it crashed in the embedding."""
+    long = tmp_path / "long.csv"
+    words = " ".join(["good"] * 300)
+    long.write_text(f"text,label\n{words},pos\nbad,neg\n")
+    assert load_runner(family["base"]).max_length == 64
+    assert load_runner(family["base"], max_length=1000).max_length == 64
+    assert load_runner(family["base"], max_length=20).max_length == 20
+    head = family["root"] / "sentiment.head.safetensors"
+    for extra in ([], ["--max-length", "100000"]):
+        result = _cli("eval", family["sentiment-ft"], "--data", long, "--head", head, *extra)
+        assert "│ 2 │" in result.output  # both rows evaluated
+
+
+def test_position_limit_of_each_config_kind():
+    from graft.data._loading import _position_limit
+
+    assert _position_limit({"max_position_embeddings": 512, "model_type": "bert"}) == 512
+    # RoBERTa's position ids start after the padding index
+    roberta = {"max_position_embeddings": 514, "model_type": "roberta", "pad_token_id": 1}
+    assert _position_limit(roberta) == 512
+    assert _position_limit({"n_positions": 1024, "model_type": "gpt2"}) == 1024
+    for bad in ("512", True, -3, None):
+        assert _position_limit({"max_position_embeddings": bad}) is None
+
+
+def test_rank_needs_two_examples_of_every_class(family, tmp_path):
+    two = tmp_path / "two.csv"
+    two.write_text("text,label\ngood,pos\nbad,neg\ngreat,pos\n")
+    from conftest import run_cli
+
+    code, _, err = run_cli("rank", "--data", two, "--models", family["sentiment-ft"])
+    assert code == 2 and err.startswith("error: ") and "class neg has 1 example" in err
+
+
+def test_non_finite_numeric_options_are_refused_before_anything_runs(family, tmp_path):
+    """NaN passes every `> 0` check; a NaN learning rate trained a model of NaNs."""
+    for value in ("nan", "inf", "-inf"):
+        out = tmp_path / f"sft-{value}"
+        result = _cli(
+            "sft", family["sentiment-ft"], "--data", family["root"] / "sentiment-train.csv",
+            "--steps", "1", "--lr", value, "-o", out, ok=False,
+        )  # fmt: skip
+        assert result.exit_code == 2 and "--lr" in result.output
+        # nan and -inf fail the option's own range (>= 0); inf passes it
+        assert value != "inf" or "not a finite number" in result.output
+        assert not out.exists()
+    out = tmp_path / "ml"
+    result = _cli("merge-lora", tmp_path, tmp_path, "--weight", "1", "--weight", "nan",
+                  "-o", out, ok=False)  # fmt: skip
+    assert result.exit_code == 2 and "--weight" in result.output and not out.exists()

@@ -757,3 +757,27 @@ def test_reference_files_still_read(tmp_path):
     names, meta = read_safetensors_header(tmp_path / "ref.safetensors")
     assert {n: i.shape for n, i in names.items()} == {"a": (2, 3), "b": (0, 5)}
     assert meta == {"format": "pt"}
+
+
+def test_error_lines_show_hostile_names_escaped(tmp_path):
+    """Error messages quote tensor names from the inputs: an ESC in one reaches the
+    terminal as the visible text \\x1b, never as a colour or title escape sequence."""
+    evil = "evil\x1b[31m\x1b]0;pwned\x07.weight"
+    save_state_dict({evil: torch.zeros(4, 4)}, tmp_path / "a", force=True)
+    save_state_dict({evil: torch.zeros(3, 4)}, tmp_path / "b", force=True)
+    line = _cli_error(
+        "merge", _recipe(tmp_path, [tmp_path / "a", tmp_path / "b"]), tmp_path / "out"
+    )
+    assert "\x1b" not in line and "\x07" not in line
+    assert "evil\\x1b[31m\\x1b]0;pwned\\x07.weight" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_zoo_tree_of_checkpoints_with_only_empty_tensors(tmp_path):
+    for name in ("a", "b"):
+        save_file({"w": torch.zeros(0, 5)}, str(tmp_path / f"{name}.safetensors"))
+    db = str(tmp_path / "zoo.sqlite")
+    assert run_cli("zoo", "scan", tmp_path, "--db", db, "-q")[0] == 0
+    code, out, err = run_cli("zoo", "tree", "--db", db)
+    assert code == 0, err
+    assert "2 model(s) with no relative in the index" in out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
+import math
 import os
 import sys
 import threading
@@ -29,6 +31,7 @@ from graft.cli import (
     soup_cmd,
     stats_cmd,
 )
+from graft.cli._safe import safe
 from graft.cli.continual_cmd import continual_app
 from graft.cli.distill_cmd import distill as distill_command
 from graft.cli.distill_cmd import sft as sft_command
@@ -94,11 +97,45 @@ app.command("rank")(rank_cmd.rank)
 app.command("demo")(demo.demo)
 
 
+def _finite_numbers(fn):
+    """``fn`` refusing a NaN or infinite float option (alone or in a list) before it runs.
+
+    ``--lr nan`` parses as a float, and NaN passes every ``> 0`` check (typer's ``min=``
+    ranges let inf through), so a NaN learning rate, temperature, weight or scale would
+    train or merge a model full of NaNs and exit 0. No graft option means NaN or inf.
+    """
+
+    @functools.wraps(fn)  # typer reads the options from the wrapped signature
+    def checked(*args, **kwargs):
+        for name, value in kwargs.items():
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                option = "--" + name.replace("_", "-")
+                raise typer.BadParameter(f"{value} is not a finite number", param_hint=option)
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def _check_numbers(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            command.callback = _finite_numbers(command.callback)
+    for group in typer_app.registered_groups:
+        _check_numbers(group.typer_instance)
+
+
+_check_numbers(app)
+
+
 def main() -> None:
     try:
         app()
     except (GraftIOError, RecipeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # messages quote names from the inputs (tensors, columns, labels, paths): their
+        # control characters are shown escaped, the message's own line breaks kept
+        lines = str(exc).split("\n")
+        print("error: " + "\n".join(safe(line, markup=False) for line in lines), file=sys.stderr)
         sys.exit(2)
 
 

@@ -166,13 +166,24 @@ def load_data(
         names = tuple(str(i) for i in range(int(y.max()) + 1))
         return Dataset(str(path), y.numpy(), names, x=X.numpy())
     data = read_data(spec, options, zoo=default_zoo(spec, zoo), split=split)
-    classes = np.unique(data.labels)
+    classes, counts = np.unique(data.labels, return_counts=True)
     if len(classes) < 2:
         only = f" (all {data.label_names[classes[0]]})" if len(classes) else ""
         raise RankError(
             f"{data.name}: labels hold {len(classes)} class{only}; ranking needs at least two"
         )
+    _two_each(data.name, counts, [data.label_names[c] for c in classes])
     return data
+
+
+def _two_each(where: str, counts, names) -> None:
+    """The linear probe cross-validates: every class needs an example in two folds."""
+    for name, count in zip(names, counts, strict=True):
+        if count < 2:
+            raise RankError(
+                f"{where}: class {name} has {int(count)} example; ranking needs at least two "
+                "of every class (the linear probe cross-validates); add examples"
+            )
 
 
 def _pick(arrays: dict, keys: tuple[str, ...], where: str) -> torch.Tensor:
@@ -213,6 +224,7 @@ def check_dataset(
         raise RankError(
             f"{where}: labels hold {len(values)} class{only}; ranking needs at least two"
         )
+    _two_each(where, torch.bincount(y).tolist(), [int(v) for v in values])
     X = X.float()
     if not torch.isfinite(X).all():
         raise RankError(f"{where}: inputs contain NaN or infinite values")

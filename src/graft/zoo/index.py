@@ -474,7 +474,9 @@ class ZooIndex:
                 rows += self._con.execute(f"{sql} WHERE model_id IN ({marks})", chunk).fetchall()
         out = {}
         for r in rows:
-            data = torch.frombuffer(bytearray(r["data"]), dtype=torch.float32)
+            raw = bytearray(r["data"] or b"")
+            # an empty sample (a checkpoint of zero-element tensors) has no buffer to view
+            data = torch.frombuffer(raw, dtype=torch.float32) if raw else torch.zeros(0)
             out[r["model_id"]] = (r["plan_hash"], plan_from_json(r["plan"]), data)
         return out
 
