@@ -724,6 +724,12 @@ def test_non_finite_numeric_options_are_refused_before_anything_runs(family, tmp
         # nan and -inf fail the option's own range (>= 0); inf passes it
         assert value != "inf" or "not a finite number" in result.output
         assert not out.exists()
+    out = tmp_path / "sft-seed"
+    result = _cli(
+        "sft", family["sentiment-ft"], "--data", family["root"] / "sentiment-train.csv",
+        "--steps", "1", "--seed", "9" * 25, "-o", out, ok=False,
+    )  # fmt: skip
+    assert result.exit_code == 2 and "out of range" in result.output and not out.exists()
     out = tmp_path / "ml"
     result = _cli("merge-lora", tmp_path, tmp_path, "--weight", "1", "--weight", "nan",
                   "-o", out, ok=False)  # fmt: skip

@@ -98,7 +98,8 @@ app.command("demo")(demo.demo)
 
 
 def _finite_numbers(fn):
-    """``fn`` refusing a NaN or infinite float option (alone or in a list) before it runs.
+    """``fn`` refusing a NaN or infinite float option (alone or in a list), or an integer
+    beyond 64 bits, before it runs.
 
     ``--lr nan`` parses as a float, and NaN passes every ``> 0`` check (typer's ``min=``
     ranges let inf through), so a NaN learning rate, temperature, weight or scale would
@@ -109,12 +110,19 @@ def _finite_numbers(fn):
     def checked(*args, **kwargs):
         for name, value in kwargs.items():
             values = value if isinstance(value, (list, tuple)) else (value,)
+            option = "--" + name.replace("_", "-")
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                option = "--" + name.replace("_", "-")
                 raise typer.BadParameter(f"{value} is not a finite number", param_hint=option)
+            if any(_huge_int(v) for v in values):  # a seed torch cannot take, a count
+                raise typer.BadParameter(f"{value} is out of range", param_hint=option)
         return fn(*args, **kwargs)
 
     return checked
+
+
+def _huge_int(v: object) -> bool:
+    """An integer beyond 64 bits (no graft count or seed is; torch refuses such a seed)."""
+    return isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**64
 
 
 def _check_numbers(typer_app: typer.Typer) -> None:
