@@ -692,7 +692,7 @@ def test_long_rows_are_truncated_at_the_models_position_limit(family, tmp_path):
 
 
 def test_position_limit_of_each_config_kind():
-    from graft.data._loading import _position_limit
+    from graft.data.runner import position_limit as _position_limit
 
     assert _position_limit({"max_position_embeddings": 512, "model_type": "bert"}) == 512
     # RoBERTa's position ids start after the padding index
@@ -734,3 +734,27 @@ def test_non_finite_numeric_options_are_refused_before_anything_runs(family, tmp
     result = _cli("merge-lora", tmp_path, tmp_path, "--weight", "1", "--weight", "nan",
                   "-o", out, ok=False)  # fmt: skip
     assert result.exit_code == 2 and "--weight" in result.output and not out.exists()
+
+
+def test_pretokenized_ids_are_checked_against_the_model(family, tmp_path):
+    """input_ids arrays: out-of-vocabulary, negative, too long or 3-D ids end in one line
+    naming the file (before: IndexError / RuntimeError tracebacks); good ids evaluate."""
+    from conftest import run_cli
+
+    y = np.array([0, 1, 0, 1])
+    cases = {
+        "vocab": (np.full((4, 8), 10**6), "30522 token embeddings"),
+        "negative": (np.full((4, 8), -3), "negative ids"),
+        "long": (np.ones((4, 600), dtype=np.int64), "at most 64"),
+        "3d": (np.ones((4, 8, 2), dtype=np.int64), "shape (N, L)"),
+        "fraction": (np.full((4, 8), 1.5), "must be whole numbers"),
+    }
+    model = family["sentiment-ft"]
+    head = family["root"] / "sentiment.head.safetensors"
+    for name, (ids, needle) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, input_ids=ids, labels=y)
+        code, _, err = run_cli("eval", model, "--data", path, "--head", head)
+        assert code == 2 and err.startswith("error: ") and needle in err, (name, err)
+    np.savez(tmp_path / "ok.npz", input_ids=np.full((4, 8), 7.0), labels=y)  # whole floats
+    assert run_cli("eval", model, "--data", tmp_path / "ok.npz", "--head", head)[0] == 0

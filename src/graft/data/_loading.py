@@ -19,6 +19,7 @@ from graft.data.runner import (
     EncoderClassifier,
     Runner,
     SequenceClassifier,
+    position_limit,
 )
 from graft.io import open_checkpoint
 
@@ -209,22 +210,6 @@ def _is_classifier_config(config: dict) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
-# RoBERTa-style position ids start after the padding index: pad_token_id + 1 of the
-# table's rows are never a position
-_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"})
-
-
-def _position_limit(config: dict) -> int | None:
-    """The most tokens the model's position table holds (None: no absolute table)."""
-    limit = config.get("max_position_embeddings", config.get("n_positions"))
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        return None
-    pad = config.get("pad_token_id")
-    if config.get("model_type") in _OFFSET_POSITIONS and isinstance(pad, int) and pad >= 0:
-        limit -= pad + 1
-    return limit if limit >= 1 else None
-
-
 def _load_transformers(
     path: Path,
     weights_dir: Path,
@@ -287,7 +272,7 @@ def _load_transformers(
         limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
         ok = isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < 10**6
         max_length = min(limit, DEFAULT_MAX_LENGTH) if ok else DEFAULT_MAX_LENGTH
-    positions = _position_limit(config)
+    positions = position_limit(config)
     if positions is not None and max_length > positions:
         if asked is not None:  # the default is capped quietly
             notes.append(f"truncating at {positions} tokens, the model's position limit")

@@ -293,7 +293,27 @@ def _read_npz(path: Path, opts: DataOptions) -> Dataset:
         labels, names = encode_labels(values, where=[f"{path} example {i}" for i in range(len(y))])
         n = len(y)
     if "input_ids" in arrays:
-        tokens = {k: np.asarray(arrays[k]).astype(np.int64) for k in _TOKEN_KEYS if k in arrays}
+        tokens = {}
+        for k in _TOKEN_KEYS:
+            if k not in arrays:
+                continue
+            v = np.asarray(arrays[k])
+            whole = v.dtype.kind in "iub" or (
+                v.dtype.kind == "f"
+                and bool(np.isfinite(v).all())
+                and bool((v == np.round(v)).all())
+            )
+            if v.ndim != 2 or not whole:
+                raise DataError(
+                    f"{path}: {k} must be whole numbers of shape (N, L), got {v.dtype} of "
+                    f"shape {v.shape}; store token ids as int64 rows"
+                )
+            if v.size and int(v.min()) < 0:
+                raise DataError(f"{path}: {k} holds negative ids ({int(v.min())})")
+            tokens[k] = v.astype(np.int64)
+        shapes = {v.shape for v in tokens.values()}
+        if len(shapes) > 1:
+            raise DataError(f"{path}: {', '.join(tokens)} differ in shape ({sorted(shapes)})")
         _check_rows(path, tokens, n)
         return Dataset(str(path), labels, names, tokens=tokens)
     key = next((k for k in _INPUT_KEYS if k in arrays), None)

@@ -48,6 +48,22 @@ POOLINGS = ("mean", "cls", "max", "last")
 DEFAULT_MAX_LENGTH = 256
 
 
+# RoBERTa-style position ids start after the padding index: pad_token_id + 1 of the
+# table's rows are never a position
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"})
+
+
+def position_limit(config: dict) -> int | None:
+    """The most tokens the model's position table holds (None: no absolute table)."""
+    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return None
+    pad = config.get("pad_token_id")
+    if config.get("model_type") in _OFFSET_POSITIONS and isinstance(pad, int) and pad >= 0:
+        limit -= pad + 1
+    return limit if limit >= 1 else None
+
+
 @dataclass
 class Runner:
     """A runnable model (see the module docstring).
@@ -111,6 +127,8 @@ class Runner:
                 f"{self.path} has no tokenizer files (tokenizer.json, vocab.txt...); copy the "
                 "base model's tokenizer into it"
             )
+        if data.kind == "tokens" and self.kind == "transformers":
+            self._check_tokens(data)
         if data.kind == "array" and self.input_size is not None:
             width = math.prod(data.x.shape[1:])
             if width != self.input_size:
@@ -118,6 +136,29 @@ class Runner:
                     f"{self.path} takes {self.input_size} input values, {data.name} has {width} "
                     "per example; use data this model was built for"
                 )
+
+    def _check_tokens(self, data: Dataset) -> None:
+        """Token ids inside the embedding table, rows no longer than the position table."""
+        encoder = next(  # the transformers model inside graft's wrapper
+            (m for m in self.module.modules() if hasattr(m, "get_input_embeddings")), None
+        )
+        if encoder is None:
+            return
+        table = encoder.get_input_embeddings()
+        ids = data.tokens["input_ids"]
+        rows = getattr(table, "num_embeddings", None)
+        if rows is not None and ids.size and int(ids.max()) >= rows:
+            raise DataError(
+                f"{data.name}: input_ids holds id {int(ids.max())}, but {self.path} has "
+                f"{rows} token embeddings; tokenize with this model's tokenizer"
+            )
+        config = getattr(encoder, "config", None)
+        limit = position_limit(config.to_dict()) if config is not None else None
+        if limit is not None and ids.shape[1] > limit:
+            raise DataError(
+                f"{data.name}: rows of {ids.shape[1]} tokens, but {self.path} takes at most "
+                f"{limit}; truncate the input_ids"
+            )
 
     def prepare(self, data: Dataset) -> Dataset:
         """``data`` checked (`check`) and with label ids in this runner's head order.
