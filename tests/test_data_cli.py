@@ -758,3 +758,25 @@ def test_pretokenized_ids_are_checked_against_the_model(family, tmp_path):
         assert code == 2 and err.startswith("error: ") and needle in err, (name, err)
     np.savez(tmp_path / "ok.npz", input_ids=np.full((4, 8), 7.0), labels=y)  # whole floats
     assert run_cli("eval", model, "--data", tmp_path / "ok.npz", "--head", head)[0] == 0
+
+
+def test_hostile_tokenizer_files_end_in_one_line(family, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    csv = family["root"] / "sentiment-val.csv"
+    head = family["root"] / "sentiment.head.safetensors"
+    deep = shutil.copytree(family["sentiment-ft"], tmp_path / "deep")
+    (deep / "tokenizer.json").write_text("[" * 100000 + "]" * 100000)
+    code, _, err = run_cli("eval", deep, "--data", csv, "--head", head)
+    assert code == 2 and "nested too deeply" in err, err
+    foreign = shutil.copytree(family["sentiment-ft"], tmp_path / "foreign")
+    doc = json.loads((foreign / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    for word in vocab:  # every word tokenizes to an id past the table
+        if not word.startswith("["):
+            vocab[word] += 10**6
+    (foreign / "tokenizer.json").write_text(json.dumps(doc))
+    code, _, err = run_cli("eval", foreign, "--data", csv, "--head", head)
+    assert code == 2 and "token embeddings" in err, err

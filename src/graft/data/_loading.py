@@ -435,6 +435,11 @@ def _load_tokenizer(dirs: list[Path]):
     tf = _transformers()
     try:
         tok = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except RecursionError:  # a hostile tokenizer.json nested thousands of levels deep
+        raise DataError(
+            f"cannot load the tokenizer in {folder}: its files are nested too deeply; "
+            "replace them with the base model's tokenizer"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise DataError(
             f"cannot load the tokenizer in {folder}: {' '.join(str(e).split())[:160]}"

@@ -64,6 +64,11 @@ def position_limit(config: dict) -> int | None:
     return limit if limit >= 1 else None
 
 
+def _embedding_rows(encoder) -> int | None:
+    table = encoder.get_input_embeddings() if encoder is not None else None
+    return getattr(table, "num_embeddings", None)
+
+
 @dataclass
 class Runner:
     """A runnable model (see the module docstring).
@@ -137,16 +142,26 @@ class Runner:
                     "per example; use data this model was built for"
                 )
 
+    def _check_vocabulary(self, ids: torch.Tensor) -> None:
+        """The tokenizer's ids fit the embedding table (a foreign tokenizer's may not)."""
+        rows = _embedding_rows(self._transformer())
+        if rows is not None and ids.numel() and int(ids.max()) >= rows:
+            raise DataError(
+                f"the tokenizer of {self.path} gives id {int(ids.max())}, but the model has "
+                f"{rows} token embeddings; use the tokenizer the model was trained with"
+            )
+
+    def _transformer(self):
+        """The transformers model inside graft's wrapper (None: not one)."""
+        return next((m for m in self.module.modules() if hasattr(m, "get_input_embeddings")), None)
+
     def _check_tokens(self, data: Dataset) -> None:
         """Token ids inside the embedding table, rows no longer than the position table."""
-        encoder = next(  # the transformers model inside graft's wrapper
-            (m for m in self.module.modules() if hasattr(m, "get_input_embeddings")), None
-        )
+        encoder = self._transformer()
         if encoder is None:
             return
-        table = encoder.get_input_embeddings()
         ids = data.tokens["input_ids"]
-        rows = getattr(table, "num_embeddings", None)
+        rows = _embedding_rows(encoder)
         if rows is not None and ids.size and int(ids.max()) >= rows:
             raise DataError(
                 f"{data.name}: input_ids holds id {int(ids.max())}, but {self.path} has "
@@ -213,6 +228,7 @@ class Runner:
                 padding=True,
                 return_tensors="pt",
             )
+            self._check_vocabulary(enc["input_ids"])
             return dict(enc)
         if data.kind == "tokens":
             return {k: torch.from_numpy(v[start:stop]) for k, v in data.tokens.items()}
