@@ -31,6 +31,7 @@ what AdaMerging and in-memory searches need.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,11 +63,6 @@ def position_limit(config: dict) -> int | None:
     if config.get("model_type") in _OFFSET_POSITIONS and isinstance(pad, int) and pad >= 0:
         limit -= pad + 1
     return limit if limit >= 1 else None
-
-
-def _embedding_rows(encoder) -> int | None:
-    table = encoder.get_input_embeddings() if encoder is not None else None
-    return getattr(table, "num_embeddings", None)
 
 
 @dataclass
@@ -142,32 +138,34 @@ class Runner:
                     "per example; use data this model was built for"
                 )
 
-    def _check_vocabulary(self, ids: torch.Tensor) -> None:
-        """The tokenizer's ids fit the embedding table (a foreign tokenizer's may not)."""
-        rows = _embedding_rows(self._transformer())
-        if rows is not None and ids.numel() and int(ids.max()) >= rows:
-            raise DataError(
-                f"the tokenizer of {self.path} gives id {int(ids.max())}, but the model has "
-                f"{rows} token embeddings; use the tokenizer the model was trained with"
-            )
-
+    @functools.cached_property
     def _transformer(self):
         """The transformers model inside graft's wrapper (None: not one)."""
         return next((m for m in self.module.modules() if hasattr(m, "get_input_embeddings")), None)
 
+    @functools.cached_property
+    def _token_rows(self) -> int | None:
+        """Rows of the token embedding table (None: no such table)."""
+        table = self._transformer.get_input_embeddings() if self._transformer else None
+        return getattr(table, "num_embeddings", None)
+
+    def _check_ids(self, largest: int, source: str, fix: str) -> None:
+        """Token ids inside the embedding table (a foreign tokenizer's may not be)."""
+        rows = self._token_rows
+        if rows is not None and largest >= rows:
+            raise DataError(
+                f"{source} gives id {largest}, but {self.path} has {rows} token embeddings; {fix}"
+            )
+
     def _check_tokens(self, data: Dataset) -> None:
         """Token ids inside the embedding table, rows no longer than the position table."""
-        encoder = self._transformer()
-        if encoder is None:
+        if self._transformer is None:
             return
         ids = data.tokens["input_ids"]
-        rows = _embedding_rows(encoder)
-        if rows is not None and ids.size and int(ids.max()) >= rows:
-            raise DataError(
-                f"{data.name}: input_ids holds id {int(ids.max())}, but {self.path} has "
-                f"{rows} token embeddings; tokenize with this model's tokenizer"
-            )
-        config = getattr(encoder, "config", None)
+        if ids.size:
+            source = f"{data.name}: input_ids"
+            self._check_ids(int(ids.max()), source, "tokenize with this model's tokenizer")
+        config = getattr(self._transformer, "config", None)
         limit = position_limit(config.to_dict()) if config is not None else None
         if limit is not None and ids.shape[1] > limit:
             raise DataError(
@@ -228,7 +226,11 @@ class Runner:
                 padding=True,
                 return_tensors="pt",
             )
-            self._check_vocabulary(enc["input_ids"])
+            if enc["input_ids"].numel():
+                self._check_ids(
+                    int(enc["input_ids"].max()), "the tokenizer",
+                    "use the tokenizer the model was trained with",
+                )  # fmt: skip
             return dict(enc)
         if data.kind == "tokens":
             return {k: torch.from_numpy(v[start:stop]) for k, v in data.tokens.items()}

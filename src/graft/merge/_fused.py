@@ -201,12 +201,17 @@ def keep_mask(
     return _mt_keep(n, generator, p, probs)
 
 
+def _mt_state(generator: torch.Generator) -> torch.Tensor | None:
+    """The generator's state bytes as the C side reads them; None: another layout."""
+    state = generator.get_state()
+    ok = state.numel() == _MT_STATE_BYTES and state.dtype == torch.uint8
+    return state if ok else None
+
+
 def _mt_keep(n, generator, p, probs):
     lib = library()
-    if lib is None:
-        return None
-    state = generator.get_state()
-    if state.numel() != _MT_STATE_BYTES or state.dtype != torch.uint8:
+    state = _mt_state(generator)
+    if lib is None or state is None:
         return None
     if probs is not None:
         probs = probs.contiguous()
@@ -371,8 +376,8 @@ def della_probs(
     if generator is not None:
         if generator.device.type != "cpu" or not _mt_matches_torch():
             return None
-        state = generator.get_state()
-        if state.numel() != _MT_STATE_BYTES or state.dtype != torch.uint8:
+        state = _mt_state(generator)
+        if state is None:
             return None
     tensor, base = tensor.contiguous(), base.contiguous()
     rows = base.shape[0] if base.dim() >= 2 else 1
