@@ -117,7 +117,7 @@ def continual_add(
         base_ref, models, params = _check_options(root, recipe, base, alpha, no_project)
     if new_ref in models:
         raise PlanError(f"{model} is already merged into {root} (step {models.index(new_ref) + 1})")
-    plan = plan_merge(parse_recipe(_recipe_text(base_ref, [new_ref], params)))
+    plan = plan_merge(parse_recipe(_recipe_text(base_ref, [new_ref], params)), drop_hint=False)
     old = None
     try:
         old = open_checkpoint(root / STATE_FILE) if previous is not None else None
@@ -188,6 +188,11 @@ class _Step:
             )
         norm_sum = self.previous_norms.get(job.name, 0.0) + float(torch.linalg.vector_norm(delta))
         prev = None if self.old is None else self.old.get(job.name).to(self.dev)
+        if prev is not None and not bool(torch.isfinite(prev).all()):
+            raise PlanError(
+                f"tensor {job.name} of the running sum {STATE_FILE} contains NaN or Inf; was "
+                "it edited? rebuild the state from its models"
+            )
         p = job.params
         total = opcm.add_task(prev, delta, alpha=p["alpha"], project=p["project"])
         self.norm_sums[job.name] = norm_sum
@@ -280,7 +285,7 @@ def _read_state(root: Path) -> tuple[Recipe, dict[str, float]] | None:
         or not isinstance(doc, dict)
         or doc.get("format") != FORMAT
         or not isinstance(sums, dict)
-        or not all(isinstance(v, float) and math.isfinite(v) for v in sums.values())
+        or not all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in sums.values())
     ):
         raise PlanError(
             f"{root / NORMS_FILE} or {RECIPE_FILE} is not a {FORMAT} state; was it edited?"
@@ -318,6 +323,11 @@ def _check_fits(
     for name, job in have.items():
         if tuple(old.info(name).shape) != job.shape or name not in norms:
             raise PlanError(f"tensor {name}: the state in {root} does not match model {model}")
+        if old.info(name).dtype not in (torch.float32, torch.float64):
+            raise PlanError(
+                f"tensor {name} of {root / STATE_FILE} is {str(old.info(name).dtype).removeprefix('torch.')}, not a "
+                "float32/float64 running sum; was it edited? rebuild the state from its models"
+            )
 
 
 def _params(alpha: float, no_project: Sequence[str]) -> dict:

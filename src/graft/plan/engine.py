@@ -434,7 +434,7 @@ class _Worker:
         kwargs = dict(job.params)
         if spec.stats:
             kwargs["stats"] = [
-                None if s is None else self._to_device(self._read(s), cdt) for s in job.stats
+                None if s is None else self._stat(s, spec.stats, cdt) for s in job.stats
             ]
         if spec.uses_seed:
             # A CPU generator whatever the device: the same seed gives the same masks on
@@ -454,6 +454,24 @@ class _Worker:
         if job.transpose:
             result = result.T.contiguous()
         return self._to_host(result, job.result_dtype)
+
+    def _stat(self, src, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        """A statistic as the method reads it. A corrupt one is an error, never a warning: a
+        NaN Gram or Fisher entry turns the whole merged tensor into NaN, and both are sums of
+        squares (a Fisher's entries, a Gram's diagonal), so a negative one is no statistic."""
+        t = self._to_device(self._read(src), dtype)
+        fix = f"recompute it with `graft stats {kind}`"
+        if not all_finite(t):
+            raise PlanError(f"statistics file {src.model} has NaN or Inf in {src.name}; {fix}")
+        gram = kind == "gram" and t.dim() == 2
+        squares = t.diagonal() if gram else t
+        if squares.numel() and float(squares.min()) < 0:
+            what = "a negative diagonal entry" if gram else "a negative entry"
+            raise PlanError(
+                f"statistics file {src.model} has {what} in {src.name} (a sum of squares "
+                f"cannot be negative); {fix}"
+            )
+        return t
 
     def _load(self, src, dtype: torch.dtype, native: bool = False) -> torch.Tensor:
         t = self._read(src)
