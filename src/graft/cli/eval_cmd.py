@@ -99,6 +99,10 @@ def eval_model(
     from graft.delta.emr import is_emr_folder
 
     emr = twin is None and is_emr_folder(model)  # an EMR folder runs each task's own model
+    if modulator is not None and not emr:
+        raise RecipeError(
+            f"--modulator applies to EMR folders (`graft merge` with emr); {model} is not one"
+        )
     for spec in dict.fromkeys(specs):
         runner, dataset = open_model_data(
             model if twin is None else twin.shared,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.data.heads import HEAD_FILE, HeadFile, load_head_file
+from graft.data.heads import HEAD_FILE, HeadFile, check_unique_labels, load_head_file
 from graft.data.labels import DataError
 from graft.data.runner import (
     DEFAULT_MAX_LENGTH,
@@ -183,6 +183,16 @@ def _transformers():
     return transformers
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's strict-dataclass errors (a config field of the wrong type, newer
+    transformers) derive from plain Exception."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def _build(config: dict, where: Path, *, classifier: bool) -> nn.Module:
     tf = _transformers()
     cfg_dict = dict(config)
@@ -197,7 +207,7 @@ def _build(config: dict, where: Path, *, classifier: bool) -> nn.Module:
             return tf.AutoModel.from_config(cfg, add_pooling_layer=False)
         except TypeError:
             return tf.AutoModel.from_config(cfg)
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError, *_config_errors()) as e:
         what = "sequence-classification model" if classifier else "model"
         raise DataError(
             f"transformers cannot build a {what} from {where}/config.json "
@@ -244,7 +254,14 @@ def _load_transformers(
         prefix = model.base_model_prefix
         names = _load_classifier(module, model, prefix, state, h_state, path, h_path, notes)
         num_classes = int(model.config.num_labels)
+        if num_classes < 2:
+            raise DataError(
+                f"{h_path}/config.json has num_labels {num_classes}; graft's classifiers need "
+                "at least 2 classes (num_labels 1 is a regression head)"
+            )
         label_names = _config_labels(model.config)
+        if label_names is not None:
+            check_unique_labels(label_names, f"{h_path}/config.json id2label")
         head_source = str(h_path) if h_path != path else f"{path} (its own classifier)"
         own_head = frozenset(c for m, c in names.items() if not m.startswith(f"model.{prefix}."))
         hidden = _hidden_size(model.config)

@@ -73,6 +73,11 @@ def load_head_file(path: str | os.PathLike) -> HeadFile:
         raise DataError(
             f"{p}: head weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit"
         )
+    if weight.shape[0] < 2 or weight.shape[1] < 1:
+        raise DataError(
+            f"{p}: head weight {tuple(weight.shape)} has {weight.shape[0]} class(es) for "
+            f"{weight.shape[1]} features; a classification head needs at least 2 classes"
+        )
     linear = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -103,7 +108,19 @@ def _labels(raw: str | None, path: Path, num_classes: int) -> tuple[str, ...] | 
         raise DataError(
             f"{path}: {len(labels)} label names for a head with {num_classes} outputs; re-save it"
         )
+    check_unique_labels(labels, f"{path}: metadata 'labels'")
     return tuple(labels)
+
+
+def check_unique_labels(names, where: str) -> None:
+    """Data labels map to a head's outputs by name: two outputs of one name are ambiguous."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(
+                f"{where} names class {name[:60]!r} twice; each output needs its own label name"
+            )
+        seen.add(name)
 
 
 def save_head_file(
