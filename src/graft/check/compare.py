@@ -34,7 +34,7 @@ def as_logits(scores: np.ndarray, where: str, *, kind: str = "auto") -> tuple[np
             not sum to one (ambiguous: pass ``kind="logits"`` to read them as logits).
     """
     s = np.asarray(scores)
-    if s.ndim != 2 or not np.issubdtype(s.dtype, np.number):
+    if s.ndim != 2 or s.dtype.kind not in "iuf":
         raise RecipeError(
             f"scores in {where} must be a numeric (examples, classes) array; got shape {s.shape}"
         )

@@ -214,11 +214,7 @@ def as_labels(y: np.ndarray, where: str) -> np.ndarray:
         raise RecipeError(f"labels in {where} must be one integer per example; got shape {y.shape}")
     if len(y) == 0:
         raise RecipeError(f"{where} holds no examples; check needs at least one labelled example")
-    if (
-        not np.issubdtype(y.dtype, np.number)
-        or not np.all(np.isfinite(y))
-        or np.any(y != np.round(y))
-    ):
+    if y.dtype.kind not in "iuf" or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
         raise RecipeError(f"labels in {where} must be whole numbers (class indices)")
     if y.min() < 0:
         raise RecipeError(f"labels in {where} must be class indices >= 0; found {int(y.min())}")

@@ -312,6 +312,11 @@ def _staging(target: Path) -> Iterator[Path]:
 def _os_error(e: OSError, target: Path) -> GraftIOError:
     if is_no_space(e):
         return no_space_error(target)
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return GraftIOError(
+            f"cannot write {target}: {blocker} is a file, not a folder; choose another output path"
+        )
     return GraftIOError(f"cannot write {target}: {e.strerror or e}; check the output path")
 
 

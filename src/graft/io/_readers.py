@@ -205,8 +205,8 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     A ``.npz`` gives its keys; a ``.npy`` gives ``{"data": array}``; a CSV whose first row
     is not numeric gives one 1-D float array per column, named by that header row,
-    otherwise ``{"data": (rows, columns) float array}``. Object arrays (pickles) are
-    refused.
+    otherwise ``{"data": (rows, columns) float array}``. Object arrays (pickles) and
+    complex, date and record arrays are refused.
 
     Raises:
         GraftIOError: the file is missing, of another kind, unreadable or not numeric.
@@ -220,13 +220,21 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return _read_csv(p)
     try:
         if p.suffix == ".npy":
-            return {"data": np.load(p, allow_pickle=False)}
-        with np.load(p, allow_pickle=False) as loaded:  # a lazy archive
-            return {k: np.asarray(loaded[k]) for k in loaded.files}
+            arrays = {"data": np.load(p, allow_pickle=False)}
+        else:
+            with np.load(p, allow_pickle=False) as loaded:  # a lazy archive
+                arrays = {k: np.asarray(loaded[k]) for k in loaded.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise GraftIOError(
             f"cannot read {p}: {_one_line(e)}; save arrays with numpy.save / numpy.savez"
         ) from e
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biufUS":  # complex numbers, dates, records
+            raise GraftIOError(
+                f"{p}: array {_show(name, 60)} is {array.dtype}; graft reads arrays of real "
+                "numbers (bool, integer, float) or of strings"
+            )
+    return arrays
 
 
 def read_dataset(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
