@@ -157,7 +157,7 @@ def adamerging(
         from graft.plan import plan_merge, run_plan
         from graft.recipe import parse_recipe
 
-        plan = plan_merge(parse_recipe(text))
+        plan = plan_merge(parse_recipe(text), drop_hint=False)
         try:
             run_plan(plan, merge_to, force=force, overwrite_anything=force_any)
         finally:

@@ -122,7 +122,7 @@ def soup(
 
     def soup_score(members) -> float:
         text = recipe_yaml(members)
-        plan = plan_merge(parse_recipe(text))
+        plan = plan_merge(parse_recipe(text), drop_hint=False)
         try:
             state = merger(plan)
         finally:
@@ -152,7 +152,7 @@ def soup(
         comment=f"{kind} soup of {len(chosen)}/{len(names)} models, "
         f"held-out accuracy {best:.4f} on {task.data.name}",
     )
-    plan = plan_merge(parse_recipe(text))
+    plan = plan_merge(parse_recipe(text), drop_hint=False)
     try:
         run_plan(plan, out, threads=threads or None, force=force, overwrite_anything=force_any)
     finally:

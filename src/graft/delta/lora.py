@@ -37,6 +37,7 @@ from graft.io import (
     Checkpoint,
     ShardedWriter,
     atomic_output_dir,
+    is_adapter_dir,
     open_checkpoint,
     write_text,
 )
@@ -218,6 +219,11 @@ def merge_adapters(
     opened: list[Delta] = []
     try:
         for path in adapters:
+            if not is_adapter_dir(Path(path)):
+                raise DeltaError(
+                    f"{path} is not a PEFT LoRA adapter folder (no adapter_config.json); "
+                    "`graft extract-lora BASE FINETUNED -o DIR` makes one from a fine-tune"
+                )
             d = open_delta(path)
             opened.append(d)
             if d.method != "lora":

@@ -31,7 +31,7 @@ import torch
 
 from graft.delta import codecs
 from graft.delta._bits import packed_size, unpack_bits
-from graft.io import Checkpoint, is_adapter_dir, open_adapter, open_checkpoint
+from graft.io import Checkpoint, is_adapter_dir, is_model_dir, open_adapter, open_checkpoint
 from graft.plan.plan import PlanError
 
 FORMAT_VERSION = "1"
@@ -147,6 +147,11 @@ def open_delta(path: str | os.PathLike) -> Delta:
     if p.is_dir() and is_adapter_dir(p):
         return _open_adapter(p)
     if p.is_dir():
+        if is_model_dir(p):
+            raise DeltaError(
+                f"{p} is a model folder, not a delta or PEFT adapter; "
+                f"`graft diff BASE {p} -o DELTA.safetensors` makes a delta from it"
+            )
         raise DeltaError(
             f"{p} is a folder but not a PEFT adapter; give a delta file from `graft diff`"
         )

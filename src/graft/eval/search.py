@@ -312,7 +312,7 @@ def evaluate_candidate(
     from graft.recipe import parse_recipe
 
     start = time.perf_counter()
-    plan = plan_merge(parse_recipe(candidate_recipe(text, params), root=root))
+    plan = plan_merge(parse_recipe(candidate_recipe(text, params), root=root), drop_hint=False)
     try:
         state = merge(plan)
     finally:

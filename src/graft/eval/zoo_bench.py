@@ -217,7 +217,7 @@ class _Bench:
         from graft.plan import plan_merge, run_plan
         from graft.recipe import parse_recipe
 
-        plan = plan_merge(parse_recipe(text))
+        plan = plan_merge(parse_recipe(text), drop_hint=False)
         try:
             if self.save_to is None or name is None:
                 return self.merge(plan)
@@ -473,7 +473,7 @@ def _emr_row(b: _Bench) -> Row:
     text = b.recipe("emr", {}, {})
     with tempfile.TemporaryDirectory(prefix="graft-bench-emr-") as tmp:
         out = (b.save_to / "merged" / "emr") if b.save_to is not None else Path(tmp) / "emr"
-        plan = plan_merge(parse_recipe(text))
+        plan = plan_merge(parse_recipe(text), drop_hint=False)
         try:
             run_emr(plan, out, threads=b.threads, force=True)
         finally:

@@ -144,10 +144,14 @@ def plan_moe(recipe: MoERecipe, *, seed: int | None = None) -> MoEPlan:
 
 def _plan(r: MoERecipe, ckpts: dict[ModelRef, Checkpoint], seed: int) -> MoEPlan:
     base = ckpts[r.base_model]
-    try:
-        arch = choose_arch(
-            r.architectures, (base.config or {}).get("model_type"), len(r.shared_experts)
+    model_type = (base.config or {}).get("model_type")
+    if not isinstance(model_type, str):
+        raise PlanError(
+            f"base_model {r.base_model} has no config.json with a model_type; the MoE's "
+            "config is built from it: give the base model's folder"
         )
+    try:
+        arch = choose_arch(r.architectures, model_type, len(r.shared_experts))
     except ValueError as e:
         raise PlanError(f"base_model {r.base_model}: {e}") from None
     cfg = _check_configs(r, arch, ckpts)

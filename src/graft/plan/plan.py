@@ -182,6 +182,7 @@ def plan_merge(
     seed: int | None = None,
     allow_drop: Sequence[str] = (),
     stand_ins: Mapping[str, Checkpoint] | None = None,
+    drop_hint: bool = True,
 ) -> MergePlan:
     """Open the recipe's checkpoints (headers only) and plan every output tensor.
 
@@ -192,6 +193,7 @@ def plan_merge(
             when they cannot be merged (e.g. a classifier only the fine-tunes have).
         stand_ins: header-only stand-ins for outputs of other documents that are not
             written yet (``--dry-run`` of a multi-document recipe, `graft.plan.multi`).
+        drop_hint: errors suggest ``--allow-drop`` (False for commands without it).
 
     Raises:
         PlanError: the recipe does not fit the checkpoints, or a tensor would be dropped
@@ -200,7 +202,7 @@ def plan_merge(
     checkpoints = open_models(recipe.referenced_models(), recipe.root, recipe.aliases, stand_ins)
     try:
         seed = seed if seed is not None else recipe.seed or 0
-        planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop), stand_ins or {})
+        planner = _Planner(recipe, checkpoints, seed, tuple(allow_drop), stand_ins or {}, drop_hint)
         return planner.plan()
     except BaseException:
         for ckpt in checkpoints.values():
@@ -222,6 +224,7 @@ class _Planner:
         seed: int,
         allow_drop: tuple[str, ...] = (),
         stand_ins: Mapping[str, Checkpoint] | None = None,
+        drop_hint: bool = True,
     ):
         self.recipe = recipe
         self.stand_ins = stand_ins or {}
@@ -231,6 +234,7 @@ class _Planner:
         self.method = recipe.method
         self.seed = seed
         self.allow_drop = allow_drop
+        self.drop_hint = drop_hint
         self.jobs: list[TensorJob] = []
         self.notes: list[str] = []
         self.dropped: list[Dropped] = []
@@ -629,8 +633,8 @@ class _Planner:
             have = f" ({present[0].model} has it)" if present else ""
             raise PlanError(
                 f"tensor {missing[0].name} is missing from model {missing[0].model}{have}; "
-                "the models must share an architecture (check the model paths), or pass "
-                f"--allow-drop '{out_name}' to leave it out of the output"
+                "the models must share an architecture (check the model paths)"
+                + self._or_drop(out_name, "to leave it out of the output")
             )
         for s in present:
             self.dropped.append(
@@ -759,27 +763,33 @@ class _Planner:
                 self.notes.append(f"--allow-drop {pattern} matched no tensor")
         return total
 
+    def _or_drop(self, name: str, why: str) -> str:
+        """The ``--allow-drop`` way out of an error, for callers that offer it."""
+        return f", or pass --allow-drop '{name}' {why}" if self.drop_hint else ""
+
     def _not_in_output(self, model: ModelRef, name: str) -> str:
-        drop = f"--allow-drop '{name}' to leave it out knowingly"
+        drop = self._or_drop(name, "to leave it out knowingly")
         r = self.recipe
         if r.modules is None or self.layout is None:
-            return f"tensor {name} of model {model} would not be in the output; check the recipe, or pass {drop}"
+            return (
+                f"tensor {name} of model {model} would not be in the output; check the recipe{drop}"
+            )
         module = self.layout.of(name)
         if module is None:
             return (
                 f"tensor {name} of model {model} belongs to none of the modules of "
                 f"{self.layout.architecture} ({', '.join(self.layout.names)}); merge the model "
-                f"with models: instead, or pass {drop}"
+                f"with models: instead{drop}"
             )
         if module not in {m.name for m in r.modules}:
             return (
                 f"tensor {name} of model {model} is in module {module}, which modules: does "
                 f"not list (mergekit leaves such tensors out); add {module}: {{models: [...]}} "
-                f"to modules:, or pass --allow-drop '{name}' (globs work) to leave it out"
+                f"to modules:" + self._or_drop(name, "(globs work) to leave it out")
             )
         return (
             f"tensor {name} of model {model} would not be in the output: model {model} is not "
-            f"an input of module {module}; list it there, or pass {drop}"
+            f"an input of module {module}; list it there{drop}"
         )
 
     def _deliberate(self, model: ModelRef, name: str) -> str | None:

@@ -180,7 +180,7 @@ def build_twin(
     for ds in datasets:
         probe.check(ds)
     text = shared_recipe(method, str(base), [str(m) for m in finetuned], lam, density)
-    plan = plan_merge(parse_recipe(text))
+    plan = plan_merge(parse_recipe(text), drop_hint=False)
     files = [Path(d) for d in data if not isinstance(d, Dataset) and Path(d).exists()]
     inputs = [base, *finetuned, *files, *([head] if head is not None else [])]
     warnings: list[str] = []

