@@ -59,6 +59,27 @@ def _tiny_config(kind: str):
     raise ValueError(kind)
 
 
+def tiny_bert_config(vocab_size: int, labels: tuple[str, ...] | None = None, **extra):
+    """The small BERT the data-side tests run: 2 layers, hidden size 32, 2 heads, 64
+    positions; ``labels`` adds a classifier's id2label / label2id."""
+    transformers = pytest.importorskip("transformers")
+    if labels is not None:
+        extra.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+    return transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **extra,
+    )
+
+
 def make_hf_model(
     kind: str,
     path: Path,

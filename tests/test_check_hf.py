@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_bert_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,17 +50,7 @@ def tok(tmp_path_factory):
 
 
 def _config(tok, labels=LABELS):
-    return transformers.BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-    )
+    return tiny_bert_config(tok.vocab_size, tuple(labels))
 
 
 def _save(model, path: Path, tok) -> Path:

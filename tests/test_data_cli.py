@@ -15,6 +15,7 @@ import transformers
 import yaml
 from typer.testing import CliRunner
 
+from conftest import tiny_bert_config
 from graft.cli.app import app
 from graft.data import DataOptions, load_runner, read_data, save_head_file
 from graft.data.passes import features
@@ -82,14 +83,7 @@ def family(tmp_path_factory):
     fine-tunes (head frozen) and a second fine-tune of the sentiment task."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("hf_family")
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_bert_config(30522)
     base_model = transformers.BertModel(cfg, add_pooling_layer=False)
     base = root / "base"
     base_model.save_pretrained(base)
@@ -188,14 +182,7 @@ def test_eval_command_matches_transformers(family):
 
 def test_eval_head_from_a_sequence_classification_folder_and_label_order(family, tmp_path):
     """A BertForSequenceClassification folder: its own classifier, labels by id2label."""
-    cfg = transformers.BertConfig(
-        **{
-            **family["cfg"].to_dict(),
-            "num_labels": 2,
-            "id2label": {0: "vehicle", 1: "animal"},
-            "label2id": {"vehicle": 0, "animal": 1},
-        }
-    )
+    cfg = tiny_bert_config(30522, ("vehicle", "animal"))
     torch.manual_seed(3)
     model = transformers.BertForSequenceClassification(cfg).eval()
     model.save_pretrained(tmp_path / "cls")

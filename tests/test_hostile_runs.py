@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_hf_model, run_cli
+from conftest import make_hf_model, run_cli, tiny_bert_config
 from graft.data import save_head_file
 
 transformers = pytest.importorskip("transformers")
@@ -46,14 +46,7 @@ def fam(tmp_path_factory):
     labels, all with MiniLM's tokenizer, plus a small labelled CSV."""
     root = tmp_path_factory.mktemp("hostile_runs")
     tok = _tokenizer()
-    cfg = transformers.BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_bert_config(tok.vocab_size)
     torch.manual_seed(0)
     transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
@@ -64,9 +57,7 @@ def fam(tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.02)
         model.save_pretrained(root / f"ft{i}")
         tok.save_pretrained(root / f"ft{i}")
-        labelled = transformers.BertConfig(
-            **{**cfg.to_dict(), "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
-        )
+        labelled = tiny_bert_config(tok.vocab_size, ("neg", "pos"))
         torch.manual_seed(10 + i)
         transformers.BertForSequenceClassification(labelled).save_pretrained(root / f"cls{i}")
         tok.save_pretrained(root / f"cls{i}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_bert_config
 from graft.find import SCORES
 
 transformers = pytest.importorskip("transformers")
@@ -62,19 +62,12 @@ def tok(tmp_path_factory):
 def models(tmp_path_factory, tok):
     """A sequence classifier whose source labels are not the data's, two bare encoders."""
     root = tmp_path_factory.mktemp("rank-hf")
-    config = transformers.BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=4,
+    config = tiny_bert_config(
+        tok.vocab_size,
+        ("sports", "news", "tech", "food"),
         # Wider than BERT's 0.02, so random models' outputs (and the source head's
         # probabilities) differ from input to input: LEEP then tells them apart.
         initializer_range=0.2,
-        id2label=dict(enumerate(("sports", "news", "tech", "food"))),
-        label2id={"sports": 0, "news": 1, "tech": 2, "food": 3},
     )
     out = {}
     for name, cls, seed in (
