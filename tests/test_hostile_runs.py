@@ -250,7 +250,7 @@ def test_model_folders_where_a_delta_or_adapter_belongs(fam, tmp_path):
     line = _cli_error("merge-lora", fam / "ft1", fam / "ft2", "-o", tmp_path / "lora")
     assert "not a PEFT LoRA adapter folder" in line and "graft extract-lora" in line
     line = _cli_error("apply", fam / "base", fam / "ft1", "-o", tmp_path / "applied")
-    assert "is a model folder" in line and f"graft diff BASE {fam / 'ft1'}" in line
+    assert "is a model folder" in line and f"graft diff {fam / 'ft1'} BASE" in line
     assert not (tmp_path / "lora").exists() and not (tmp_path / "applied").exists()
 
 

@@ -36,6 +36,7 @@ from graft.io import (
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_OTHER_FORMATS = (".safetensors", ".gguf")  # weights formats that hold no pickle
 CLAIM_TOLERANCE = 0.02  # accuracy points (as a fraction) a claim may exceed the measurement
 
 
@@ -63,9 +64,18 @@ def lint_path(
     findings: list[dict] = []
     scanned = []
     for f in files:
-        if f.suffix not in PICKLE_SUFFIXES:
+        named = not is_dir and f.suffix not in (*PICKLE_SUFFIXES, *_OTHER_FORMATS)
+        if f.suffix not in PICKLE_SUFFIXES and not named:
             continue
-        for scan in _scan_pickles(f):
+        # A file named on its own whatever its extension (a pickle renamed .joblib, .dat,
+        # or with none) is scanned too: only what is not a pickle at all is refused.
+        scans = _scan_pickles(f)
+        if named and all(_not_a_pickle(scan) for scan in scans):
+            raise GraftIOError(
+                f"{f} is neither a safetensors file nor a pickle (torch, joblib...); "
+                "graft lint reads checkpoints: pass a model folder or a weights file"
+            )
+        for scan in scans:
             scanned.append(scan)
             findings += _pickle_findings(scan)
     report = {
@@ -89,6 +99,13 @@ def lint_path(
     report["findings"] = findings
     report["ok"] = not any(x["severity"] in ("risk", "error") for x in findings)
     return report
+
+
+def _not_a_pickle(scan: dict) -> bool:
+    """The stream fails at its first byte: some other kind of file, not a pickle."""
+    return not scan["globals"] and any(
+        why.startswith("malformed pickle at byte 0:") for why in scan["issues"]
+    )
 
 
 def _scan_pickles(f: Path) -> list[dict]:
@@ -193,6 +210,7 @@ def _tensor_checks(target, report: dict) -> list[dict]:
 
 def _claims(path, is_dir: bool, data, task, zoo, tolerance: float, report: dict) -> list[dict]:
     from graft.check.run import measure_accuracy
+    from graft.data._loading import NonFiniteModelError
 
     try:
         card = read_model_card(path) if is_dir else None
@@ -206,7 +224,11 @@ def _claims(path, is_dir: bool, data, task, zoo, tolerance: float, report: dict)
             *findings,
             _finding("info", "claims", "no accuracy in the model card's model-index"),
         ]
-    measured = measure_accuracy(path, task=task, data=data, zoo=zoo)
+    try:
+        measured = measure_accuracy(path, task=task, data=data, zoo=zoo)
+    except NonFiniteModelError as e:
+        # the tensor checks report the NaN/Inf themselves; the claims cannot be checked
+        return [*findings, _finding("error", "claims", f"accuracy not measured: {e}")]
     for c in claims:
         gap = c["claimed"] - measured["accuracy"]
         row = {

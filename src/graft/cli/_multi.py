@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import typer
 from rich.console import Console
 
 from graft.cli._progress import tensor_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io._atomic import check_output
 from graft.plan import default_threads, run_plan
 from graft.plan.multi import plan_steps, run_steps
@@ -60,7 +58,7 @@ def merge_documents(
             for _, _, plan in planned:
                 plan.close()
         if as_json:
-            typer.echo(json.dumps({"documents": docs}, indent=2))
+            echo_json({"documents": docs})
             return
         for doc in docs:
             uses = f", uses {', '.join(doc['uses'])}" if doc["uses"] else ""
@@ -115,7 +113,7 @@ def merge_documents(
         for r in results
     ]
     if as_json:
-        typer.echo(json.dumps({"output": str(out), "documents": summary}, indent=2))
+        echo_json({"output": str(out), "documents": summary})
         return
     for doc in summary:
         where = doc["output"] or "(temporary, removed)"

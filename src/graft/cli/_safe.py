@@ -34,3 +34,24 @@ def safe(text: object, *, markup: bool = True) -> str:
     """
     shown = _CONTROL.sub(_visible, str(text))
     return escape(shown) if markup else shown
+
+
+def echo_json(doc: object, *, default=None) -> None:
+    """Print ``doc`` as strict JSON (RFC 8259) for scripts: a NaN or infinite number (a
+    diverged loss, an undefined score) becomes ``null`` instead of the ``NaN`` token strict
+    parsers reject, or a crash after the command's work is done."""
+    import json
+    import math
+
+    import typer
+
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+
+    typer.echo(json.dumps(finite(doc), indent=2, allow_nan=False, default=default))

@@ -3,7 +3,6 @@ coefficients by entropy minimisation on unlabeled inputs (AdaMerging, Yang et al
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +22,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io._atomic import check_output
 from graft.recipe import RecipeError
 
@@ -173,7 +172,7 @@ def adamerging(
         "coefficients": result.coefficients if mode != "layer" else None,
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        echo_json(doc)
         return
     Console().print(
         f"AdaMerging ({mode}-wise, {len(result.groups)} coefficient(s) per task): entropy "

@@ -3,7 +3,6 @@ label issues; an HTML report; exit code 1 when a ``--fail-on`` gate holds."""
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 
@@ -194,7 +193,7 @@ def check(
 
         write_text(report, render_check_report(result))
     if as_json:
-        typer.echo(json.dumps(jsonable(result), indent=2, allow_nan=False))
+        echo_json(jsonable(result))
     else:
         _print(result, report)
     if failed:

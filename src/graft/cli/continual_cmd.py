@@ -3,14 +3,13 @@ merging by orthogonal projection (OPCM), one model at a time, from a saved state
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from graft.cli._progress import tensor_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io import parse_size
 from graft.recipe import RecipeError
 
@@ -87,7 +86,7 @@ def add(
         "notes": result.notes,
     }
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     console = Console()
     console.print(
@@ -119,7 +118,7 @@ def show(
         "parameters": doc["parameters"],
     }
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     console = Console()
     console.print(f"[bold]{safe(state)}[/]: opcm, base {safe(info['base_model'])}")

@@ -3,7 +3,6 @@ checkpoints, streaming like merges. The work is in `graft.delta`; these only par
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import yaml
 from rich.console import Console
 
 from graft.cli._progress import tensor_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.delta import get_compressor, passes
 from graft.delta._common import file_output
 from graft.delta.lora import extract_lora as _extract_lora
@@ -356,7 +355,7 @@ def _done(report: passes.Report, as_json: bool, line: str) -> None:
         summary["dense_delta_bytes"] = report.bytes_before
         summary["ratio"] = round(report.ratio, 3)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     speed = f"{report.stats.seconds:.1f}s, {report.stats.gb_per_s:.2f} GB/s"
     typer.echo(f"{safe(line, markup=False)} in {speed}")

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 ZOOS = ("auto", "digits", "text")
@@ -62,7 +62,7 @@ def _digits_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json
             workdir, seed=seed, quick=quick, threads=threads, log=lambda m: status.update(safe(m))
         )
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        echo_json(result.to_json())
         return
     out = Console(width=max(Console().width, 132))  # the table is wide; don't squeeze it
     table = Table(title=f"test accuracy (%), digits zoo seed {seed}", title_justify="left")
@@ -122,7 +122,7 @@ def _text_demo(workdir: Path, *, seed: int, quick: bool, threads: int, as_json: 
     write_text(workdir / "text-results.json", json.dumps(result.to_json(), indent=2))
     write_text(workdir / "text-results.md", markdown_table(result))
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        echo_json(result.to_json())
         return
     out = Console(width=max(Console().width, 150))
     table = Table(

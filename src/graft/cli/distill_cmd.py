@@ -11,7 +11,6 @@ library loop (`graft.distill`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")]
 DataReq = Annotated[
@@ -227,7 +226,7 @@ def distill(
     )  # fmt: skip
     report.update(models, data=data, out=str(out))
     if as_json:
-        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        echo_json(report)
         return
     _print_distill(report, s)
 
@@ -353,7 +352,7 @@ def update(
     )  # fmt: skip
     report.update(models, data=data, out=str(out))
     if as_json:
-        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        echo_json(report)
         return
     console = Console()
     table = Table(
@@ -464,7 +463,7 @@ def sft(
         report["patch"] = str(_write_patch(Path(out), model, patch, force or force_any))
     report.update(models, data=data, out=str(out))
     if as_json:
-        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        echo_json(report)
         return
     console = Console()
     console.print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +25,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 
@@ -123,7 +122,7 @@ def eval_model(
         results[spec] = {**r, "head": runner.head_source, "data": dataset.name}
     if as_json:
         doc = {"model": str(model), "split": split, "results": results}
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False, default=str))
+        echo_json(doc, default=str)
         return
     table = Table("data", "accuracy", "loss", "n", title=safe(f"{model}"))
     for spec, r in results.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io import open_checkpoint
 from graft.plan.arch import count_blocks
 
@@ -59,7 +58,7 @@ def inspect(
                 for i in infos
             ]
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     console = Console()
     console.print(f"[bold]{safe(summary['path'])}[/]")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 
 _STYLE = {"risk": "bold red", "error": "red", "warning": "yellow", "info": "dim"}
 
@@ -35,7 +34,7 @@ def lint(
 
     report = lint_path(path, data=data, task=task, zoo=zoo)
     if as_json:
-        typer.echo(json.dumps(jsonable(report), indent=2, allow_nan=False))
+        echo_json(jsonable(report))
     else:
         _print(report)
     if not report["ok"]:

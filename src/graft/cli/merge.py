@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graft.cli._progress import tensor_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io import parse_size
 from graft.io._atomic import check_output
 from graft.plan import MergePlan, default_threads, plan_merge, resolve_device, run_plan
@@ -109,7 +108,7 @@ def merge(
         if dry_run:
             summary = plan_summary(plan)
             if as_json:
-                typer.echo(json.dumps(summary, indent=2))
+                echo_json(summary)
             else:
                 _print_plan(console, summary)
             return
@@ -160,7 +159,7 @@ def merge(
 
         result["emr_tasks"] = {t.name: t.scale for t in read_manifest(out).tasks}
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         console.print(
             f"wrote {safe(out)} ({stats.tensors} tensors, {stats.shards} shard(s), "

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.merge import METHODS, REQUIRED
 
 
@@ -37,7 +35,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             }
         )
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
     table = Table("method", "base model", "parameters", "what it does", show_lines=True)
     for r in rows:

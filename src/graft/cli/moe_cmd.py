@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from graft.cli._progress import count_progress, tensor_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io import parse_size
 from graft.io._atomic import check_output
 from graft.moe import MoEPlan, compute_gates, plan_moe, prompt_count, run_moe
@@ -74,7 +73,7 @@ def moe(
         if dry_run:
             summary = plan_summary(plan)
             if as_json:
-                typer.echo(json.dumps(summary, indent=2))
+                echo_json(summary)
             else:
                 _print_plan(console, summary)
             return
@@ -119,7 +118,7 @@ def moe(
         "warnings": [*plan.notes, *stats.warnings],
     }
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         console.print(
             f"wrote {safe(out)}: {result['architecture']}, {result['experts']} experts "

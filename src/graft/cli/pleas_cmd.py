@@ -4,7 +4,6 @@ solve each layer by least squares on the data (`graft.merge.pleas`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +22,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 
 
 def pleas(
@@ -160,7 +159,7 @@ def pleas(
         "warnings": report.warnings,
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        echo_json(doc)
         return
     for w in report.warnings:
         Console(stderr=True).print(f"warning: {safe(w)}")

@@ -3,7 +3,6 @@ transferability scores on frozen features (no fine-tuning)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +25,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 
@@ -122,7 +121,7 @@ def rank(
         "skipped": skipped,
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
         return
     _print(doc, names, sort_by)
 

@@ -4,7 +4,6 @@ parameters on held-out data, merging each candidate in memory."""
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +26,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io._atomic import check_output
 from graft.recipe import RecipeError, load_recipe
 
@@ -192,7 +191,7 @@ def search(
             "out": str(out),
             "tasks": [t.name for t in tasks],
         }
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        echo_json(doc)
         return
     _print(result, tasks, out)
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +24,7 @@ from graft.cli._data_opts import (
     data_options,
 )
 from graft.cli._progress import count_progress
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.io._atomic import check_output
 from graft.recipe import RecipeError
 
@@ -106,6 +105,8 @@ def soup(
     names = [str(m) for m in models]
     if len(set(names)) != len(names):
         raise RecipeError("a model is listed twice; list each ingredient once")
+    if not heads:
+        _check_classifier_labels(models)
     options = data_options(text_column, text_pair_column, label_column, limit)
     (task,) = load_tasks(
         names[:1],
@@ -178,7 +179,7 @@ def soup(
         "out": str(out),
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        echo_json(doc)
         return
     console = Console()
     for m in names:
@@ -201,3 +202,33 @@ def _set_head(runner, heads) -> torch.nn.Linear:
         linear.weight.copy_(torch.stack([h.linear.weight for h in heads]).mean(0))
         linear.bias.copy_(torch.stack([h.linear.bias for h in heads]).mean(0))
     return linear
+
+
+def _check_classifier_labels(models: list[Path]) -> None:
+    """A soup of sequence classifiers averages their classifiers output by output (and is
+    judged with the first one's label names), so every ingredient must name its outputs
+    alike and in the same order."""
+    from graft.data._loading import resolve_model
+    from graft.io import open_checkpoint
+
+    first: tuple[Path, tuple[str, ...]] | None = None
+    for m in models:
+        with open_checkpoint(resolve_model(m)) as ckpt:
+            config = ckpt.config or {}
+        id2label = config.get("id2label")
+        if not isinstance(id2label, dict) or not id2label:
+            continue
+        try:
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        except (TypeError, ValueError):
+            continue
+        if all(n == f"LABEL_{i}" for i, n in enumerate(labels)):
+            continue  # transformers' placeholder names: nothing to compare
+        if first is None:
+            first = (m, labels)
+        elif labels != first[1]:
+            raise RecipeError(
+                f"{m} names its outputs {', '.join(labels)[:120]}, {first[0]} names them "
+                f"{', '.join(first[1])[:120]}; a soup averages classifiers output by output, "
+                "so their labels must match in order (or soup the backbones with --head)"
+            )

@@ -24,6 +24,7 @@ from graft.cli._data_opts import (
 from graft.cli._progress import count_progress
 from graft.cli._safe import safe
 from graft.eval.stats import FISHER_TARGETS, KINDS, write_stats
+from graft.io import check_output
 from graft.recipe import RecipeError
 
 
@@ -73,10 +74,12 @@ def stats(
         raise RecipeError("give the data: --data FILE (or --task NAME for a zoo task), one of them")
     if samples < 1:
         raise RecipeError(f"--samples must be >= 1, got {samples}")
-    if out.exists() and not force:
-        raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
     if not model.exists():
         raise RecipeError(f"model {model} not found; give a model folder")
+    if out.exists() and not force:
+        raise RecipeError(f"output {out} exists; pass --force to overwrite or choose another path")
+    reads = [model, *(p for p in (head, data, zoo) if p is not None and Path(p).exists())]
+    check_output(out, inputs=reads, force=force, kind="file")
     labels = kind == "fisher" and target == "label"
     options = data_options(
         text_column, text_pair_column, label_column, limit, require_labels=labels

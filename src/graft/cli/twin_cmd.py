@@ -4,7 +4,6 @@ that ``graft eval OUT`` runs as the dynamic model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +21,7 @@ from graft.cli._data_opts import (
     ZooOpt,
     data_options,
 )
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 
 
 def twin(
@@ -130,7 +129,7 @@ def twin(
         "warnings": report.warnings,
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, allow_nan=False))
+        echo_json(doc)
         return
     console = Console()
     for w in report.warnings:

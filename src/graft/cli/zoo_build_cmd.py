@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 ZOOS = ("digits", "text")
@@ -68,9 +67,7 @@ def build(
         raise RecipeError(str(e)) from None
     report = built.report
     if as_json:
-        typer.echo(
-            json.dumps({"zoo": zoo, "root": str(root), "seed": seed, "report": report}, indent=2)
-        )
+        echo_json({"zoo": zoo, "root": str(root), "seed": seed, "report": report})
         return
     table = Table(
         "task",

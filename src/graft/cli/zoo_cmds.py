@@ -3,7 +3,6 @@ machine and the family trees recovered from their weights."""
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from graft.cli._safe import safe
+from graft.cli._safe import echo_json, safe
 from graft.recipe import RecipeError
 
 zoo_app = typer.Typer(
@@ -58,7 +57,7 @@ def scan(
             report = index.scan(paths or [], hf_cache=hf_cache, progress=progress)
         where = index.path
     if as_json:
-        typer.echo(json.dumps({"db": str(where), **report.to_json()}, indent=2))
+        echo_json({"db": str(where), **report.to_json()})
         return
     per_model = report.bytes_read / report.read if report.read else 0
     typer.echo(
@@ -132,7 +131,7 @@ def find(
 
 def _print_records(records, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps([r.to_json() for r in records], indent=2, default=str))
+        echo_json([r.to_json() for r in records], default=str)
         return
     short, prefix = short_names([r.name for r in records])
     table = Table("id", "model", "architecture", "params", "dtypes", "format", "status")
@@ -178,7 +177,7 @@ def show(
         "card_checks": lin.card_checks.get(rec.id, []),
     }
     if as_json:
-        typer.echo(json.dumps(doc, indent=2, default=str))
+        echo_json(doc, default=str)
         return
     console = Console()
     console.print(f"[bold]{safe(rec.name)}[/] (id {rec.id})")
@@ -234,7 +233,7 @@ def tree(
         lin = index_lineage(index, related_ratio=related_ratio)
     names = {i: r.name for i, r in lin.records.items()}
     if as_json:
-        typer.echo(json.dumps(_tree_json(lin, names), indent=2))
+        echo_json(_tree_json(lin, names))
         return
     short, prefix = short_names(list(names.values()))
     names = {i: short[n] for i, n in names.items()}

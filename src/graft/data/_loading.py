@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def load_runner(
         if ARCHITECTURE in (config.get("architectures") or []):
             return _load_digits(p, ckpt, head)
         state = {n: ckpt.get(n) for n in ckpt.names}
+    check_finite(state, p)
     return _load_transformers(
         p, weights_dir, config, state, head, pooling or st_pooling, max_length
     )
@@ -135,6 +137,7 @@ def _load_digits(path: Path, ckpt, head) -> Runner:
 
     try:
         backbone, config = load_backbone(path)
+        check_finite(backbone.state_dict(), path)
     except ValueError as e:
         raise DataError(str(e)) from None
     head_file = _head_file(path, head)
@@ -321,7 +324,26 @@ def _read_head_model(h: Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
                 f"head {h} is neither a head file nor a sequence-classification model folder "
                 "(its config.json names no *ForSequenceClassification architecture)"
             )
-        return h, config, {n: ckpt.get(n) for n in ckpt.names}
+        state = {n: ckpt.get(n) for n in ckpt.names}
+    check_finite(state, h)
+    return h, config, state
+
+
+class NonFiniteModelError(DataError):
+    """A model to run holds NaN or Inf weights."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    """A model with NaN or Inf weights gives NaN features, losses and gradients: every
+    number a data command would report or write from it is meaningless, so it is refused."""
+    from graft.plan.engine import all_finite
+
+    for name, t in tensors.items():
+        if not all_finite(t):
+            raise NonFiniteModelError(
+                f"tensor {name} of {where} holds NaN or Inf; graft cannot run a model with "
+                f"non-finite weights (`graft lint {where}` lists them); fix the checkpoint"
+            )
 
 
 def _hidden_size(config) -> int | None:

@@ -73,6 +73,8 @@ def load_head_file(path: str | os.PathLike) -> HeadFile:
         raise DataError(
             f"{p}: head weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit"
         )
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise DataError(f"{p}: the head's weight or bias holds NaN or Inf; re-train the head")
     if weight.shape[0] < 2 or weight.shape[1] < 1:
         raise DataError(
             f"{p}: head weight {tuple(weight.shape)} has {weight.shape[0]} class(es) for "

@@ -38,7 +38,7 @@ from graft.io import (
     ShardedWriter,
     atomic_output_dir,
     is_adapter_dir,
-    open_checkpoint,
+    open_model,
     write_text,
 )
 from graft.plan import default_threads, resolve_device, run_pass, tensor_seed
@@ -110,7 +110,7 @@ def extract_lora(
     check = FiniteCheck(
         True, "a LoRA adapter (SVD) cannot be extracted from it; fix the checkpoint"
     )
-    with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
+    with open_model(finetuned) as ft, open_model(base) as b:
         pair = PairDelta(ft, b)
         targets = lora_targets(ft)
         if not targets:
@@ -415,7 +415,7 @@ class AdaptedCheckpoint:
 
 def open_adapted(model: str | os.PathLike, adapter: str | os.PathLike) -> AdaptedCheckpoint:
     """Open ``model`` with the LoRA adapter folder ``adapter`` applied per tensor."""
-    base = open_checkpoint(model)
+    base = open_model(model)
     try:
         d = open_delta(adapter)
     except BaseException:

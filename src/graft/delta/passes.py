@@ -37,7 +37,7 @@ from graft.io import (
     ShardedWriter,
     atomic_output_dir,
     copy_sidecar_files,
-    open_checkpoint,
+    open_model,
     write_model_card,
 )
 from graft.plan import default_threads, resolve_device, run_pass
@@ -81,7 +81,7 @@ def diff(
     value_dtype = parse_dtype(dtype)
     out = file_output(out)
     check = FiniteCheck(strict)
-    with open_checkpoint(finetuned) as ft, open_checkpoint(base) as b:
+    with open_model(finetuned) as ft, open_model(base) as b:
         pair = PairDelta(ft, b)
         outs = {n: value_dtype or ft.info(n).dtype for n in ft.names}
         for n, e in pair.layout.items():
@@ -155,7 +155,7 @@ def apply(
     try:
         for d in deltas:
             opened.append(open_delta(d))
-        with open_checkpoint(base) as b:
+        with open_model(base) as b:
             warnings = _check_base(b, opened, force_base)
             report = _add(
                 b,
@@ -202,9 +202,9 @@ def transfer(
     in any of the three models is a warning, or with ``strict`` an error.
     """
     with (
-        open_checkpoint(from_base) as b1,
-        open_checkpoint(from_ft) as f1,
-        open_checkpoint(onto) as b2,
+        open_model(from_base) as b1,
+        open_model(from_ft) as f1,
+        open_model(onto) as b2,
     ):
         pair = PairDelta(f1, b1, keep_ints=False)
         return _add(

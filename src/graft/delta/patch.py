@@ -150,7 +150,7 @@ def open_delta(path: str | os.PathLike) -> Delta:
         if is_model_dir(p):
             raise DeltaError(
                 f"{p} is a model folder, not a delta or PEFT adapter; "
-                f"`graft diff BASE {p} -o DELTA.safetensors` makes a delta from it"
+                f"`graft diff {p} BASE -o DELTA.safetensors` makes a delta from it"
             )
         raise DeltaError(
             f"{p} is a folder but not a PEFT adapter; give a delta file from `graft diff`"

@@ -86,7 +86,7 @@ def label_order(ref: Runner, other: Runner, roles: tuple[str, str]) -> np.ndarra
         raise DataError(
             f"the {roles[0]}'s head ({ref.head_source}) has {ref.num_classes} classes, the "
             f"{roles[1]}'s ({other.head_source}) {other.num_classes}; both need heads for the "
-            "same labels (pass --student-head / --teacher-head, or --old-head / --new-head)"
+            f"same labels (pass --{roles[0].split()[0]}-head / --{roles[1].split()[0]}-head)"
         )
     if a is None or b is None or a == b:
         return None

@@ -16,6 +16,8 @@ from graft.plan import MergePlan, merge_in_memory, run_plan
 
 # Keep this share of the available memory for the model runners and the evaluation.
 MEMORY_SHARE = 0.5
+# A candidate with a NaN/Inf input scores NaN: an error, not a candidate.
+_NON_FINITE = "a candidate with non-finite weights cannot be scored; fix the checkpoint"
 
 
 def available_memory() -> int:
@@ -35,6 +37,7 @@ def available_memory() -> int:
 
 class CandidateMerger:
     """``merger(plan) -> state``: the planned merge, in memory or spilled (module docstring).
+    An input tensor with NaN or Inf is an error (`graft.plan.NonFiniteInputError`).
 
     Spilled candidates go to a scratch folder under ``scratch`` (default: the system's temp
     folder), removed when the next candidate comes or on `close`.
@@ -56,7 +59,7 @@ class CandidateMerger:
     def __call__(self, plan: MergePlan) -> dict[str, torch.Tensor]:
         self._clear()
         if plan.output_bytes() <= MEMORY_SHARE * available_memory():
-            return merge_in_memory(plan, threads=self.threads)
+            return merge_in_memory(plan, threads=self.threads, strict=_NON_FINITE)
         self._spill = Path(tempfile.mkdtemp(prefix=".graft-candidate-", dir=self.scratch))
         out = self._spill / "model"
         if self.log is not None:
@@ -64,7 +67,7 @@ class CandidateMerger:
                 f"candidate of {plan.output_bytes() / 1e9:.1f} GB does not fit in memory: "
                 f"streaming it to {out}"
             )
-        run_plan(plan, out, threads=self.threads)
+        run_plan(plan, out, threads=self.threads, strict=_NON_FINITE)
         self.spilled += 1
         return mmap_state_dict(out)
 

@@ -16,7 +16,7 @@ from graft.io._atomic import (
     scratch_dir,
     staging_part,
 )
-from graft.io._checkpoint import Checkpoint, open_checkpoint
+from graft.io._checkpoint import Checkpoint, open_checkpoint, open_model
 from graft.io._discover import (
     CachedSnapshot,
     discover_checkpoints,
@@ -125,6 +125,7 @@ __all__ = [
     "open_adapter",
     "open_binary",
     "open_checkpoint",
+    "open_model",
     "open_db",
     "parse_size",
     "plan_shards",

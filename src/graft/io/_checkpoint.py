@@ -292,6 +292,30 @@ def _read_config(root: Path | None) -> dict | None:
     return config
 
 
+# Metadata keys of the files graft writes that hold tensors but are not models.
+_NOT_MODELS = {
+    "graft_delta": "a graft delta or patch (`graft apply BASE DELTA -o OUT` makes a model)",
+    "graft_statistic": "a graft statistics or head file",
+    "graft_continual": "a continual-merge running sum (the merged model is STATE/model)",
+}
+
+
+def open_model(path: str | os.PathLike) -> Checkpoint:
+    """`open_checkpoint` for a path that must hold a model: graft's own deltas, patches,
+    statistics, heads and continual states hold tensors of a model's names, so merging or
+    diffing one as a model would run and write garbage; they are refused by their metadata.
+
+    Raises:
+        GraftIOError: as `open_checkpoint`, or ``path`` is one of those files.
+    """
+    ckpt = open_checkpoint(path)
+    what = next((w for key, w in _NOT_MODELS.items() if key in ckpt.metadata), None)
+    if what is not None:
+        ckpt.close()
+        raise GraftIOError(f"{path} is {what}, not a model; give a model folder or file")
+    return ckpt
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint for lazy reading; only headers are read here.
 

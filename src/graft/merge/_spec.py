@@ -18,7 +18,7 @@ A method is a pure function over tensors::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -87,6 +87,10 @@ class MethodSpec:
             aligned with ``tensors`` (None where the file has no entry for this tensor).
         stats_shape: the statistic's shape for a tensor of a given shape; the planner
             checks every statistics entry against it before reading any data.
+        check_params: a validator of the parameters resolved for one tensor taken
+            together (``params`` by keyword, one list entry per model for per-model ones,
+            and the models' names), returning an error message or None; the planner runs
+            it, so bad combinations fail before any tensor is read (``--dry-run`` too).
     """
 
     name: str
@@ -105,6 +109,7 @@ class MethodSpec:
     paper: str = ""
     stats: str | None = None
     stats_shape: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
+    check_params: Callable[[Mapping[str, Any], Sequence[str]], str | None] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

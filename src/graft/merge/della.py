@@ -25,7 +25,8 @@ Conventions that change results:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -93,12 +94,28 @@ def della_drop(
     return kept / probs
 
 
-def _check(density: float, epsilon: float) -> None:
+def _range_problem(density: float, epsilon: float) -> str | None:
     if density - epsilon <= 0 or density + epsilon > 1:
-        raise ValueError(
+        return (
             f"della needs 0 < density - epsilon and density + epsilon <= 1, got "
             f"density={density}, epsilon={epsilon}; lower epsilon or move density"
         )
+    return None
+
+
+def _check(density: float, epsilon: float) -> None:
+    problem = _range_problem(density, epsilon)
+    if problem:
+        raise ValueError(problem)
+
+
+def _check_params(params: Mapping[str, Any], models: Sequence[str]) -> str | None:
+    """Every model's ``density ± epsilon`` inside (0, 1] (density 1 keeps the delta)."""
+    for density, epsilon, model in zip(params["density"], params["epsilon"], models, strict=True):
+        problem = None if density >= 1 else _range_problem(density, epsilon)
+        if problem:
+            return f"model {model}: {problem}"
+    return None
 
 
 def della_sparsify(
@@ -312,6 +329,7 @@ DELLA_SPEC = MethodSpec(
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,
+    check_params=_check_params,
 )
 
 DELLA_LINEAR_SPEC = MethodSpec(
@@ -327,4 +345,5 @@ DELLA_LINEAR_SPEC = MethodSpec(
     uses_seed=True,
     order_independent=False,
     paper=_PAPER,
+    check_params=_check_params,
 )

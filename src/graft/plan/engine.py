@@ -124,7 +124,7 @@ def run_plan(
     max_shard_bytes: int = 5_000_000_000,
     force: bool = False,
     overwrite_anything: bool = False,
-    strict: bool = False,
+    strict: bool | str = False,
     progress: ProgressHook | None = None,
 ) -> RunStats:
     """Execute a plan into the model folder ``out`` (atomically).
@@ -137,7 +137,8 @@ def run_plan(
         max_shard_bytes: shard size limit for the output safetensors files.
         force: replace an existing ``out`` that graft wrote (`graft.io.atomic_output_dir`).
         overwrite_anything: with ``force``, replace whatever folder ``out`` is.
-        strict: NaN/Inf in an input tensor is an error instead of a warning.
+        strict: NaN/Inf in an input tensor is an error instead of a warning; a string is
+            the fix the error ends with (default: fix the checkpoint or drop --strict).
         progress: called after each tensor with (1, bytes read + written).
     """
     threads = threads or default_threads()
@@ -168,7 +169,7 @@ def write_shards(
     threads: int,
     device: str = "cpu",
     max_shard_bytes: int | str = 5_000_000_000,
-    strict: bool = False,
+    strict: bool | str = False,
     progress: ProgressHook | None = None,
 ) -> RunStats:
     """The merge's unit of work: compute the jobs of some output shards and write those
@@ -245,7 +246,7 @@ def merge_in_memory(
     *,
     threads: int | None = None,
     device: str = "cpu",
-    strict: bool = False,
+    strict: bool | str = False,
 ) -> dict[str, torch.Tensor]:
     """Execute a plan into a dict of tensors instead of a folder: the same jobs, worker
     and math as `run_plan`, for evaluating candidate merges (searches, soups) without
@@ -361,7 +362,9 @@ def _run_bounded(
 class _Worker:
     """Computes and writes one job; safe to call from several threads."""
 
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, device: torch.device, strict: bool):
+    def __init__(
+        self, plan: MergePlan, writer: ShardedWriter, device: torch.device, strict: bool | str
+    ):
         self.plan = plan
         self.writer = writer
         self.device = device
@@ -480,7 +483,8 @@ class _Worker:
         if not all_finite(t):
             msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
             if self.strict:
-                raise NonFiniteInputError(msg + "; fix the checkpoint or drop --strict")
+                fix = self.strict if isinstance(self.strict, str) else None
+                raise NonFiniteInputError(f"{msg}; {fix or 'fix the checkpoint or drop --strict'}")
             with self._lock:
                 self.warnings.append(msg)
         return t

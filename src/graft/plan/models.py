@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from graft.io import Checkpoint, is_url, open_checkpoint
+from graft.io import Checkpoint, is_url, open_model
 from graft.recipe import ModelRef, RecipeError
 
 
@@ -134,7 +134,7 @@ def open_models(
                 adapter = _resolve(ref.adapter, root, "adapter", ref.adapter_revision)
                 opened[ref] = open_adapted(path, adapter)
             else:
-                opened[ref] = open_checkpoint(path)
+                opened[ref] = open_model(path)
     except BaseException:
         for ckpt in opened.values():
             ckpt.close()

@@ -569,6 +569,10 @@ class _Planner:
         if m.base == "required" and base is None:
             raise PlanError(f"{m.name} needs base_model (tensor {out_name})")
         params = self._resolve(out_name, inputs, scopes, shared_scopes, t)
+        if m.check_params is not None:
+            problem = m.check_params(params, [str(s.model) for s in inputs])
+            if problem:
+                raise PlanError(f"{m.name} (tensor {out_name}): {problem}")
         stats, transpose = (
             self._stat_sources(inputs, params.pop("statistics")) if m.stats else ((), False)
         )

@@ -189,7 +189,7 @@ def build_twin(
             Path(out), force=force, inputs=inputs, overwrite_anything=overwrite_anything
         ) as tmp:
             log(f"shared expert: {method}, λ={lam:g}")
-            stats = run_plan(plan, tmp / "shared", threads=threads)
+            stats = run_plan(plan, tmp / "shared", threads=threads, strict=_NON_FINITE)
             warnings += stats.warnings
             with open_checkpoint(tmp / "shared") as shared:
                 fingerprint = shared.fingerprint()
@@ -276,6 +276,10 @@ def _check_settings(finetuned, data, method, keep, rank, router_steps, router_hi
         raise RecipeError(f"--rank must be >= 1, got {rank}")
     if router_steps < 1 or (router_hidden is not None and router_hidden < 1):
         raise RecipeError("--router-steps and --router-hidden must be >= 1")
+
+
+# The shared expert is the merge of every fine-tune: a NaN in one would poison them all.
+_NON_FINITE = "fix the checkpoint (Twin-Merging merges every fine-tune into the shared model)"
 
 
 def _write_exclusive(

@@ -410,12 +410,23 @@ def align_families(
     # comp -> permutations into the basis of the family it joined (None: its own basis)
     basis: dict[int, dict | None] = {0: None}
     moved = False
+    finite: dict[int, bool] = {}
+
+    def usable(k: int) -> bool:  # a model with NaN/Inf weights has no permutation to find
+        if k not in finite:
+            finite[k] = all(bool(torch.isfinite(t).all()) for t in state(k).values())
+        return finite[k]
+
     try:
         for c in range(1, len(comps)):
             basis[c] = None
             rep = comps[c][0]
+            if not usable(rep):
+                continue
             for e in range(c):
                 ref = comps[e][0]
+                if not usable(ref):
+                    continue
                 ref_state = state(ref) if basis[e] is None else permute(state(ref), spec, basis[e])
                 perms, _ = weight_matching(spec, ref_state, state(rep))
                 aligned = sample_state(permute(state(rep), spec, perms), plan)
