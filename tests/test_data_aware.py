@@ -294,9 +294,11 @@ def _stats_cli(*args) -> Exception | None:
 
 
 def test_stats_command_rejects_bad_kind_and_task(tmp_path):
-    err = _stats_cli("hessian", tmp_path, "--task", "rot90-digit", "-o", tmp_path / "o")
+    model = tmp_path / "model"
+    model.mkdir()
+    err = _stats_cli("hessian", model, "--task", "rot90-digit", "-o", tmp_path / "o")
     assert isinstance(err, RecipeError) and "unknown statistic 'hessian'" in str(err)
-    err = _stats_cli("gram", tmp_path, "--task", "nope", "-o", tmp_path / "o")
+    err = _stats_cli("gram", model, "--task", "nope", "-o", tmp_path / "o")
     assert isinstance(err, RecipeError) and "unknown task 'nope'" in str(err)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -297,3 +298,168 @@ def test_complex_score_arrays_are_refused(tmp_path):
         tmp_path / "labels.npy",
     )
     assert code == 2 and "complex128" in err and "Warning" not in err, err
+
+
+# --- round 2: what a probe of every command found -------------------------------------------
+
+
+def _with_nan(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with one NaN in an encoder weight."""
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    state = load_file(weights)
+    name = next(n for n in state if n.endswith("layer.0.intermediate.dense.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    return dst
+
+
+def test_della_density_and_epsilon_are_checked_when_planned(fam, tmp_path):
+    """density 0.9 with the default epsilon 0.15 puts keep probabilities above 1: refused
+    by the planner (so by --dry-run too), not by a ValueError mid-merge."""
+    recipe = tmp_path / "della.yaml"
+    doc = {
+        "merge_method": "della",
+        "base_model": str(fam / "base"),
+        "models": [
+            {"model": str(fam / "ft1"), "parameters": {"weight": 1.0, "density": 0.9}},
+            {"model": str(fam / "ft2"), "parameters": {"weight": 1.0, "density": 1.0}},
+        ],
+    }
+    recipe.write_text(yaml.safe_dump(doc))
+    for extra in ((), ("--dry-run",)):
+        line = _cli_error("merge", recipe, tmp_path / "out", *extra)
+        assert f"model {fam / 'ft1'}" in line and "density=0.9, epsilon=0.15" in line
+    assert not (tmp_path / "out").exists()
+    doc["models"][0]["parameters"]["epsilon"] = 0.05  # 0.85..0.95: fine
+    recipe.write_text(yaml.safe_dump(doc))
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+
+
+def test_models_with_nan_weights_are_refused_by_the_data_commands(fam, tmp_path):
+    """NaN weights gave NaN statistics, soups and losses with exit 0 (and --json crashed
+    after the output was written): every command that runs or scores a model refuses one."""
+    bad = _with_nan(fam / "cls1", tmp_path / "nan-model")
+    data = fam / "data.csv"
+    runs = {
+        "eval": ("eval", bad, "--data", data, "--json"),
+        "stats": ("stats", "gram", bad, "--data", data, "-o", tmp_path / "g.safetensors"),
+        "rank": ("rank", "--data", data, "--models", f"{fam / 'cls2'},{bad}"),
+    }
+    for what, args in runs.items():
+        line = _cli_error(*args)
+        assert f"of {bad} holds NaN or Inf" in line and f"graft lint {bad}" in line, what
+    line = _cli_error("soup", "uniform", fam / "cls2", bad, "--data", data, "-o", tmp_path / "s")
+    assert f"of model {bad} contains NaN or Inf" in line and "cannot be scored" in line
+    assert not (tmp_path / "g.safetensors").exists() and not (tmp_path / "s").exists()
+
+
+def test_json_output_is_strict_json_whatever_the_numbers():
+    """``--json`` is for scripts: NaN and Infinity are not JSON (RFC 8259); they are null."""
+    import contextlib
+    import io
+
+    from graft.cli._safe import echo_json
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        echo_json({"loss": float("nan"), "scores": [float("inf"), 1.5, (float("-inf"),)]})
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    doc = json.loads(out.getvalue(), parse_constant=refuse)
+    assert doc == {"loss": None, "scores": [None, 1.5, [None]]}
+
+
+def test_stats_never_writes_into_its_input(fam, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(fam / "cls1", model)
+    before = _digest(model)
+    target = model / "model.safetensors"
+    line = _cli_error("stats", "gram", model, "--data", fam / "data.csv", "-o", target, "--force")
+    assert "lies inside the input" in line and _digest(model) == before
+
+
+def test_lint_reads_what_it_is_given_by_content(tmp_path):
+    """A pickle renamed .joblib, .dat or with no extension is scanned (it ran code when
+    unpickled, and lint said "no risks"); a file that is no checkpoint at all is an error."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    raw = pickle.dumps(Payload(), protocol=4)  # building it runs nothing
+    for name in ("model.joblib", "weights.dat", "checkpoint"):
+        (tmp_path / name).write_bytes(raw)
+        code, out, err = run_cli("lint", tmp_path / name, "--json")
+        report = json.loads(out)
+        assert code == 1 and not report["ok"], (name, err)
+        assert any("system" in f["message"] and f["severity"] == "risk" for f in report["findings"])
+    (tmp_path / "data.csv").write_text("text,label\nhello,pos\n")
+    line = _cli_error("lint", tmp_path / "data.csv")
+    assert "neither a safetensors file nor a pickle" in line
+
+
+def test_graft_files_that_are_not_models_are_refused_as_models(fam, tmp_path):
+    delta = tmp_path / "d.safetensors"
+    code, _, err = run_cli("diff", fam / "ft1", fam / "base", "-o", delta, "-q")
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    models = [{"model": str(m), "parameters": {"weight": 1.0}} for m in (fam / "ft1", delta)]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    runs = [
+        ("merge", recipe, tmp_path / "m"),
+        ("diff", delta, fam / "base", "-o", tmp_path / "x.safetensors"),
+        (
+            "transfer",
+            "--from-base",
+            fam / "base",
+            "--from-ft",
+            delta,
+            "--onto",
+            fam / "base",
+            "-o",
+            tmp_path / "t",
+        ),
+    ]
+    for args in runs:
+        line = _cli_error(*args)
+        assert f"{delta} is a graft delta or patch" in line and "graft apply" in line
+    assert not any((tmp_path / p).exists() for p in ("m", "x.safetensors", "t"))
+
+
+def test_soups_of_classifiers_need_the_same_label_order(fam, tmp_path):
+    flipped = _edited_config(
+        fam, tmp_path, "cls2", id2label={"0": "pos", "1": "neg"}, label2id={"pos": 0, "neg": 1}
+    )
+    line = _cli_error(
+        "soup", "uniform", fam / "cls1", flipped, "--data", fam / "data.csv", "-o", tmp_path / "s"
+    )
+    assert "names its outputs pos, neg" in line and "neg, pos" in line
+    code, _, err = run_cli(
+        "soup",
+        "uniform",
+        fam / "cls1",
+        fam / "cls2",
+        "--data",
+        fam / "data.csv",
+        "-o",
+        tmp_path / "s",
+        "-q",
+    )
+    assert code == 0, err
+
+
+def test_lineage_skips_a_model_with_nan_weights(fam, tmp_path):
+    """Weight matching of a NaN model crashed linear_sum_assignment in zoo tree/show/find."""
+    bad = _with_nan(fam / "ft2", tmp_path / "nan-ft")
+    db = tmp_path / "zoo.sqlite"
+    for m in (fam / "base", fam / "ft1", bad):
+        code, _, err = run_cli("zoo", "scan", m, "--db", db, "-q")
+        assert code == 0, err
+    code, out, err = run_cli("zoo", "tree", "--db", db)
+    assert code == 0 and "Traceback" not in err, err
+    assert "3 model(s)" in out
