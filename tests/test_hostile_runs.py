@@ -463,3 +463,21 @@ def test_lineage_skips_a_model_with_nan_weights(fam, tmp_path):
     code, out, err = run_cli("zoo", "tree", "--db", db)
     assert code == 0 and "Traceback" not in err, err
     assert "3 model(s)" in out
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"num_hidden_layers": 100_000}, "describes 100000 layers, but the checkpoint stores 2"),
+        ({"num_hidden_layers": 1}, "describes 1 layers, but the checkpoint stores 2"),
+        ({"intermediate_size": 10_000_000}, "parameters, but the checkpoint stores"),
+    ],
+)
+def test_a_config_that_does_not_describe_the_weights_is_refused_before_building(
+    fam, tmp_path, changes, needle
+):
+    """100,000 layers or a 10M-wide MLP made transformers allocate terabytes; one layer
+    fewer than stored silently ran the model without its last block."""
+    folder = _edited_config(fam, tmp_path, "cls1", **changes)
+    line = _cli_error("eval", folder, "--data", fam / "data.csv")
+    assert f"{folder}/config.json" in line and needle in line

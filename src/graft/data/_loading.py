@@ -196,26 +196,73 @@ def _config_errors() -> tuple[type[Exception], ...]:
     return (StrictDataclassError,)
 
 
-def _build(config: dict, where: Path, *, classifier: bool) -> nn.Module:
+def _build(
+    config: dict, where: Path, *, classifier: bool, state: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """The transformers model ``config`` describes, with random weights, for the weights
+    ``state``. A config whose block count is not the checkpoint's is refused (fewer blocks
+    would silently leave stored ones out); the model is then built on the meta device
+    first (no memory), and a config describing far more parameters than the checkpoint
+    stores is refused before anything is allocated."""
+    _check_depth(config, state, where)
+    stored = sum(t.numel() for t in state.values() if t.is_floating_point())
     tf = _transformers()
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if not model_type:
         raise DataError(f"{where}/config.json has no model_type; graft cannot build the model")
-    try:
-        cfg = tf.AutoConfig.for_model(model_type, **cfg_dict)
-        if classifier:
-            return tf.AutoModelForSequenceClassification.from_config(cfg)
-        try:
-            return tf.AutoModel.from_config(cfg, add_pooling_layer=False)
-        except TypeError:
-            return tf.AutoModel.from_config(cfg)
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError, *_config_errors()) as e:
-        what = "sequence-classification model" if classifier else "model"
-        raise DataError(
+    what = "sequence-classification model" if classifier else "model"
+
+    def cannot(e: BaseException) -> DataError:
+        return DataError(
             f"transformers cannot build a {what} from {where}/config.json "
             f"(model_type {model_type!r}): {' '.join(str(e).split())[:160]}"
-        ) from None
+        )
+
+    errors = (ValueError, KeyError, TypeError, AttributeError, ImportError, *_config_errors())
+    try:
+        cfg = tf.AutoConfig.for_model(model_type, **cfg_dict)
+    except errors as e:
+        raise cannot(e) from None
+    try:
+        with torch.device("meta"):
+            probe = _instantiate(tf, cfg, classifier)
+    except errors as e:
+        raise cannot(e) from None
+    except (RuntimeError, NotImplementedError):
+        probe = None  # a model that cannot be built on the meta device: no size check
+    if probe is not None:
+        wanted = sum(p.numel() for p in probe.parameters())
+        if wanted > 2 * stored + 1_000_000:
+            raise DataError(
+                f"{where}/config.json describes a {what} of {wanted:,} parameters, but the "
+                f"checkpoint stores {stored:,}; the config.json does not describe these weights"
+            )
+    try:
+        return _instantiate(tf, cfg, classifier)
+    except errors as e:
+        raise cannot(e) from None
+
+
+def _instantiate(tf, cfg, classifier: bool) -> nn.Module:
+    if classifier:
+        return tf.AutoModelForSequenceClassification.from_config(cfg)
+    try:
+        return tf.AutoModel.from_config(cfg, add_pooling_layer=False)
+    except TypeError:
+        return tf.AutoModel.from_config(cfg)
+
+
+def _check_depth(config: dict, state: Mapping[str, torch.Tensor], where: Path) -> None:
+    from graft.plan.arch import config_block_count, stack_depths
+
+    stacks = stack_depths(state)  # from the names alone
+    said = config_block_count(config)
+    if len(stacks) == 1 and said is not None and said != (stored := next(iter(stacks.values()))):
+        raise DataError(
+            f"{where}/config.json describes {said} layers, but the checkpoint stores "
+            f"{stored}; the config.json does not describe these weights"
+        )
 
 
 def _is_classifier_config(config: dict) -> bool:
@@ -252,7 +299,7 @@ def _load_transformers(
 
     if head_model is not None:
         h_path, h_config, h_state = head_model
-        model = _build(h_config, h_path, classifier=True)
+        model = _build(h_config, h_path, classifier=True, state=h_state)
         module: nn.Module = SequenceClassifier(model, pooling)
         prefix = model.base_model_prefix
         names = _load_classifier(module, model, prefix, state, h_state, path, h_path, notes)
@@ -269,7 +316,7 @@ def _load_transformers(
         own_head = frozenset(c for m, c in names.items() if not m.startswith(f"model.{prefix}."))
         hidden = _hidden_size(model.config)
     else:
-        encoder = _build(config, weights_dir, classifier=False)
+        encoder = _build(config, weights_dir, classifier=False, state=state)
         linear = head_file.linear if head_file else None
         hidden = _hidden_size(encoder.config)
         if linear is not None and hidden is not None and linear.in_features != hidden:
