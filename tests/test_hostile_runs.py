@@ -481,3 +481,74 @@ def test_a_config_that_does_not_describe_the_weights_is_refused_before_building(
     folder = _edited_config(fam, tmp_path, "cls1", **changes)
     line = _cli_error("eval", folder, "--data", fam / "data.csv")
     assert f"{folder}/config.json" in line and needle in line
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32])
+def test_a_delta_with_integer_values_is_corrupt(fam, tmp_path, dtype):
+    """A bool "delta" added exactly 1.0 to every entry (its layout says float32)."""
+    delta = tmp_path / "d.safetensors"
+    code, _, err = run_cli("diff", fam / "ft1", fam / "base", "-o", delta, "-q")
+    assert code == 0, err
+    with safe_open(str(delta), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(delta)
+    name = "encoder.layer.0.attention.self.query.weight"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, delta, metadata=meta)
+    line = _cli_error("apply", fam / "base", delta, "-o", tmp_path / "out")
+    shown = str(dtype).removeprefix("torch.")
+    assert f"corrupt patch {delta}" in line and f"{name}' is {shown}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sqlite_file_graft_did_not_write_is_not_a_zoo_index(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "app.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE users (name TEXT)")
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    line = _cli_error("zoo", "ls", "--db", db)
+    assert "graft did not write" in line and "users" in line
+    assert db.read_bytes() == before
+
+
+def test_options_that_do_not_apply_are_refused(fam, tmp_path):
+    data = fam / "data.csv"
+    line = _cli_error(
+        "soup",
+        "uniform",
+        fam / "cls1",
+        fam / "cls2",
+        "--data",
+        data,
+        "--keep-ties",
+        "-o",
+        tmp_path / "s",
+    )
+    assert "--keep-ties applies to greedy soups" in line
+    for option in (("--target", "expected"), ("--no-normalize",)):
+        line = _cli_error(
+            "stats", "gram", fam / "cls1", "--data", data, "-o", tmp_path / "g.st", *option
+        )
+        assert f"{option[0]} applies to fisher statistics" in line
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merge_method: linear\nmodels: []\n")
+    for args, needle in (
+        (("--trials", "3"), "--trials applies to --sampler random or tpe"),
+        (("--workers", "2"), "--workers applies to --ray runs"),
+    ):
+        line = _cli_error(
+            "search",
+            recipe,
+            "--data",
+            data,
+            "--param",
+            "weight=0.5,1",
+            "-o",
+            tmp_path / "o.yaml",
+            *args,
+        )
+        assert needle in line

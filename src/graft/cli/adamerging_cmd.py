@@ -148,8 +148,10 @@ def adamerging(
             seed=seed,
             progress=hook,
         )
+    # Absolute paths: the recipe is read from wherever it is written, by whoever runs it.
+    pinned = lambda p: str(Path(p).resolve()) if Path(p).exists() else str(p)  # noqa: E731
     text = recipe_yaml(
-        result, str(base), {t.name: str(m) for t, m in zip(tasks, models, strict=True)}
+        result, pinned(base), {t.name: pinned(m) for t, m in zip(tasks, models, strict=True)}
     )
     write_text(out, text)
     if merge_to is not None:

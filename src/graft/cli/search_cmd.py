@@ -128,6 +128,10 @@ def search(
         if trials is None:
             raise RecipeError(f"--sampler {sampler} needs --trials N")
         n_candidates = min(trials, n_candidates)
+    elif trials is not None:
+        raise RecipeError("--trials applies to --sampler random or tpe; the grid tries them all")
+    if workers and ray is None:
+        raise RecipeError("--workers applies to --ray runs; without --ray candidates run here")
     parsed = load_recipe(recipe)
     models, reference = _recipe_models(parsed)
     inputs = [recipe, *models, *([reference] if reference else []), *(head or [])]

@@ -94,6 +94,8 @@ def soup(
         raise RecipeError(f"unknown soup {kind!r}; valid: {', '.join(KINDS)}")
     if len(models) < 2:
         raise RecipeError("a soup needs at least two models")
+    if keep_ties and kind != "greedy":
+        raise RecipeError("--keep-ties applies to greedy soups; a uniform soup takes every model")
     force = force or force_any
     heads = list(head or [])
     inputs = [*models, *heads, *([Path(data)] if Path(data).exists() else [])]

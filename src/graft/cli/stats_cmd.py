@@ -72,6 +72,9 @@ def stats(
         raise RecipeError(f"unknown Fisher target {target!r}; valid: {', '.join(FISHER_TARGETS)}")
     if (data is None) == (task is None):
         raise RecipeError("give the data: --data FILE (or --task NAME for a zoo task), one of them")
+    if kind == "gram" and (target != "label" or not normalize):
+        option = "--target" if target != "label" else "--no-normalize"
+        raise RecipeError(f"{option} applies to fisher statistics; a Gram matrix has neither")
     if samples < 1:
         raise RecipeError(f"--samples must be >= 1, got {samples}")
     if not model.exists():

@@ -224,11 +224,20 @@ def _open_file(p: Path, ckpt: Checkpoint, shared: Checkpoint | None = None) -> D
             have = tuple(holder.info(stored).shape)
             if shape is not None and have != tuple(shape):
                 raise corrupt(f"part {stored!r} has shape {have}, its codec needs {tuple(shape)}")
+            dtype = holder.info(stored).dtype
+            if part in _VALUE_PARTS and entry.codec != "replace" and not dtype.is_floating_point:
+                shown = str(dtype).removeprefix("torch.")
+                raise corrupt(f"part {stored!r} is {shown}; a delta's values are floats")
             entry.parts[part] = stored
         if entry.codec == "lowrank":
             _check_factors(name, entry, ckpt, corrupt)
     method = meta.get("graft_delta_method", "dense")
     return Delta(p, ckpt, method, layout, dict(meta), shared)
+
+
+# Parts holding a delta's numbers (the rest are bit masks); ``replace`` entries are the
+# fine-tune's own tensors, integer buffers included.
+_VALUE_PARTS = ("", "values", "scale", "B", "A")
 
 
 def _check_factors(name, entry: Entry, ckpt: Checkpoint, corrupt) -> None:

@@ -57,6 +57,12 @@ def open_db(path: str | os.PathLike, schema: str, *, version: int, create: bool 
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA foreign_keys = ON")
         found = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if found == 0 and tables:  # graft sets user_version when it creates its tables
+            raise GraftIOError(
+                f"{path} is a SQLite database graft did not write (it holds "
+                f"{', '.join(tables[:3])[:80]}); pass another --db, graft leaves it as it is"
+            )
         if found not in (0, version):
             raise GraftIOError(
                 f"zoo index {path} has schema version {found}, this graft writes {version}; "
