@@ -552,3 +552,36 @@ def test_options_that_do_not_apply_are_refused(fam, tmp_path):
             *args,
         )
         assert needle in line
+
+
+def test_lora_extraction_above_a_small_tensors_rank_is_exact_for_it(fam, tmp_path):
+    """A 2-class classifier capped every BERT classifier's adapter at rank 2 (an error for
+    any larger --rank); now such a target is stored exactly, zero-padded to r."""
+    tuned = tmp_path / "tuned"
+    shutil.copytree(fam / "cls1", tuned)
+    state = load_file(tuned / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for t in state.values():
+        if t.is_floating_point():
+            t.add_(torch.randn(t.shape, generator=g) * 0.01)
+    save_file(state, tuned / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "lora"
+    code, _, err = run_cli("extract-lora", tuned, fam / "cls1", "-r", 4, "-o", out, "-q")
+    assert code == 0, err
+    adapter = load_file(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+    base = load_file(fam / "cls1" / "model.safetensors")
+    scale = config["lora_alpha"] / config["r"]
+    b = adapter["base_model.model.classifier.lora_B.weight"]
+    a = adapter["base_model.model.classifier.lora_A.weight"]
+    assert b.shape == (2, 4) and a.shape == (4, 32)
+    assert not b[:, 2:].any() and not a[2:].any()  # the padding adds nothing
+    delta = state["classifier.weight"] - base["classifier.weight"]
+    torch.testing.assert_close(scale * b @ a, delta, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_density_that_frees_no_entry_is_refused(fam, tmp_path):
+    line = _cli_error(
+        "sft", fam / "cls1", "--data", fam / "data.csv", "--density", "1e-9", "-o", tmp_path / "s"
+    )
+    assert "frees none" in line and not (tmp_path / "s").exists()

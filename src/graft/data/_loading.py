@@ -167,6 +167,8 @@ def _head_file(path: Path, head) -> HeadFile | None:
         h = Path(head)
         if h.is_dir() and (h / HEAD_FILE).is_file():
             h = h / HEAD_FILE
+        if h.is_dir():
+            raise DataError(f"head {h} is a folder without {HEAD_FILE}; pass a head file")
         if not h.is_file():
             raise DataError(f"head {h} not found; pass a head .safetensors file")
         return load_head_file(h)

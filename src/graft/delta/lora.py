@@ -103,8 +103,11 @@ def extract_lora(
     """Write the rank-``rank`` LoRA adapter of ``finetuned - base`` as a PEFT folder.
 
     Raises:
-        DeltaError: the models do not match, ``rank`` exceeds a target's smaller side,
-            there is nothing to target, or a target's delta holds NaN or Inf (no SVD).
+        DeltaError: the models do not match, there is nothing to target, or a target's
+            delta holds NaN or Inf (no SVD).
+
+    A target whose smaller side is below ``rank`` is stored exactly: its delta's own
+    factors, zero-padded to ``rank`` (PEFT needs one ``r`` for every module).
     """
     dev = resolve_device(device)
     check = FiniteCheck(
@@ -117,12 +120,6 @@ def extract_lora(
             raise DeltaError(f"{finetuned} has no linear weights to extract a LoRA adapter from")
         if rank < 1:
             raise DeltaError(f"--rank must be at least 1, got {rank}")
-        for name in targets:
-            if rank > min(ft.info(name).shape):
-                raise DeltaError(
-                    f"--rank {rank} is larger than tensor {name} {tuple(ft.info(name).shape)} "
-                    f"allows (at most {min(ft.info(name).shape)}); choose a smaller rank"
-                )
         transpose = (ft.config or {}).get("model_type") in FAN_IN_FAN_OUT
         value_dtype = parse_dtype(dtype)
         entries = []
@@ -139,8 +136,15 @@ def extract_lora(
         def work(name: str, writer: ShardedWriter) -> int:
             delta = pair.delta(name, dev, check)
             gen = torch.Generator().manual_seed(tensor_seed(0, name))
+            matrix = delta.T if transpose else delta
+            # A target smaller than the rank (a 2-class classifier) is exact at its own
+            # rank; its factors are zero-padded so every module has the adapter's r.
+            k = min(rank, *matrix.shape)
             try:
-                b_, a_ = factorize(delta.T if transpose else delta, rank=rank, generator=gen)
+                b_, a_ = factorize(matrix, rank=k, generator=gen)
+                if k < rank:
+                    b_ = torch.cat([b_, b_.new_zeros(b_.shape[0], rank - k)], dim=1)
+                    a_ = torch.cat([a_, a_.new_zeros(rank - k, a_.shape[1])], dim=0)
             except torch.linalg.LinAlgError:
                 raise DeltaError(
                     f"cannot extract a LoRA of tensor {name}: the SVD of its delta did not "

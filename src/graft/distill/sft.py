@@ -87,8 +87,14 @@ def lt_sft(
     backbone = [n for n, _ in module.named_parameters() if trainable(n) and not _is_head(n)]
     if not backbone:
         raise DataError(f"{runner.path} has no backbone weights to sparse-fine-tune")
-    theta0 = {n: t.detach().clone() for n, t in module.state_dict().items()}
     params = dict(module.named_parameters())
+    total = sum(params[n].numel() for n in backbone)
+    if round(density * total) < 1:
+        raise DataError(
+            f"--density {density:g} of {total:,} backbone entries frees none; sparse "
+            f"fine-tuning needs at least {1 / total:.2g}"
+        )
+    theta0 = {n: t.detach().clone() for n, t in module.state_dict().items()}
 
     def train(label: str, n_steps: int, sparse: bool) -> list[float]:
         with bar(label, n_steps, "steps") as hook:
@@ -100,7 +106,7 @@ def lt_sft(
 
     first = train("full fine-tune", steps, runner.kind == "transformers")
     moved = {n: params[n].detach() - theta0[n] for n in backbone}
-    k = int(round(density * sum(t.numel() for t in moved.values())))
+    k = int(round(density * total))
     masks = top_k_mask(moved, k)
     with torch.no_grad():
         module.load_state_dict(theta0)

@@ -554,7 +554,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch.load raises many types; all mean "not a safe weights file"
         raise GraftIOError(
             f"refusing to load {file}: torch.load({how}) failed "
-            f"({_reason(e)}); convert it to safetensors where you trust its source"
+            f"({_reason(e)}); `graft lint {file}` shows what it holds without loading it; "
+            "convert it to safetensors where you trust its source"
         ) from e
     if not isinstance(obj, dict):
         raise GraftIOError(
