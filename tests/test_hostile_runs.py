@@ -585,3 +585,16 @@ def test_sft_density_that_frees_no_entry_is_refused(fam, tmp_path):
         "sft", fam / "cls1", "--data", fam / "data.csv", "--density", "1e-9", "-o", tmp_path / "s"
     )
     assert "frees none" in line and not (tmp_path / "s").exists()
+
+
+def test_a_chat_template_transformers_cannot_compile_is_refused_with_the_recipe():
+    from graft.recipe import RecipeError, parse_recipe
+
+    text = "merge_method: linear\nchat_template: {t}\nmodels:\n  - model: a\n  - model: b\n"
+    bad = json.dumps("{% for m in messages %}{{ m.content }")
+    with pytest.raises(RecipeError, match=r"not a valid Jinja template \(line 1"):
+        parse_recipe(text.format(t=bad))
+    # transformers' own tags and loop controls are fine
+    good = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}"
+    good += "{% if loop.last %}{% break %}{% endif %}{% endfor %}"
+    assert parse_recipe(text.format(t=json.dumps(good))).chat_template == good

@@ -180,4 +180,25 @@ def parse_chat_template(raw: Any) -> str | None:
         raise RecipeError(
             f"chat_template {show(raw)} is neither a known name ({names}) nor a Jinja template"
         )
+    _check_jinja(raw)
     return raw
+
+
+def _check_jinja(text: str) -> None:
+    """A template transformers could not compile would be written into the output and fail
+    at the first ``apply_chat_template``; it fails here (with jinja2, which transformers'
+    chat templates need, installed); a private helper of transformers' that moved is
+    skipped rather than guessed at."""
+    try:
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return
+    try:
+        _compile_jinja_template(text)  # transformers' own environment and extensions
+    except jinja2.TemplateSyntaxError as e:
+        message = " ".join(str(e.message or e).split())[:160]
+        raise RecipeError(
+            f"chat_template is not a valid Jinja template (line {e.lineno}: {message}); "
+            "fix it or name a known template"
+        ) from None
