@@ -461,7 +461,7 @@ def test_cli_extract_and_merge_lora(hf_family, tmp_path):
         "999",
         "-o",
         tmp_path / "big",
-        contains="--rank 999 is larger than tensor",
+        contains="--rank 999 is larger than every target tensor allows",
     )
 
 

@@ -133,8 +133,11 @@ def test_bad_adapter_inputs(hf_family, tmp_path):
     base, ft1, _ = fam["llama"]
     from graft.delta.patch import DeltaError
 
-    # A rank at or above every target's smaller side: each delta stored exactly (zero-padded)
-    extract_lora(ft1, base, tmp_path / "big", rank=64)
+    # The largest smaller side (32): each delta stored exactly; above it, nothing to gain
+    with pytest.raises(DeltaError, match="--rank 64 is larger than every target tensor"):
+        extract_lora(ft1, base, tmp_path / "big", rank=64)
+    assert not (tmp_path / "big").exists()
+    extract_lora(ft1, base, tmp_path / "big", rank=32)
     with open_adapted(base, tmp_path / "big") as adapted, open_checkpoint(ft1) as tuned:
         name = "model.layers.0.self_attn.q_proj.weight"
         torch.testing.assert_close(adapted.get(name), tuned.get(name), rtol=1e-4, atol=1e-5)

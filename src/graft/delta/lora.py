@@ -103,8 +103,8 @@ def extract_lora(
     """Write the rank-``rank`` LoRA adapter of ``finetuned - base`` as a PEFT folder.
 
     Raises:
-        DeltaError: the models do not match, there is nothing to target, or a target's
-            delta holds NaN or Inf (no SVD).
+        DeltaError: the models do not match, there is nothing to target, ``rank`` exceeds
+            every target's smaller side, or a target's delta holds NaN or Inf (no SVD).
 
     A target whose smaller side is below ``rank`` is stored exactly: its delta's own
     factors, zero-padded to ``rank`` (PEFT needs one ``r`` for every module).
@@ -120,6 +120,12 @@ def extract_lora(
             raise DeltaError(f"{finetuned} has no linear weights to extract a LoRA adapter from")
         if rank < 1:
             raise DeltaError(f"--rank must be at least 1, got {rank}")
+        useful = max(min(ft.info(name).shape) for name in targets)
+        if rank > useful:
+            raise DeltaError(
+                f"--rank {rank} is larger than every target tensor allows (the largest smaller "
+                f"side is {useful}, which stores each delta exactly); choose at most {useful}"
+            )
         transpose = (ft.config or {}).get("model_type") in FAN_IN_FAN_OUT
         value_dtype = parse_dtype(dtype)
         entries = []
