@@ -598,3 +598,13 @@ def test_a_chat_template_transformers_cannot_compile_is_refused_with_the_recipe(
     good = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}"
     good += "{% if loop.last %}{% break %}{% endif %}{% endfor %}"
     assert parse_recipe(text.format(t=json.dumps(good))).chat_template == good
+
+
+def test_twin_density_without_ties_is_refused():
+    from graft.recipe import RecipeError
+    from graft.twin.build import shared_recipe
+
+    with pytest.raises(RecipeError, match="--density applies to the ties shared expert"):
+        shared_recipe("task_arithmetic", "base", ["a", "b"], 0.3, 0.5)
+    doc = yaml.safe_load(shared_recipe("ties", "base", ["a", "b"], 1.0, 0.5))
+    assert [m["parameters"]["density"] for m in doc["models"]] == [0.5, 0.5]

@@ -98,6 +98,11 @@ def shared_recipe(
     per_model: dict = {"weight": 1.0}
     shared: dict = {"lambda": lam}
     if method == "task_arithmetic":
+        if density is not None:
+            raise RecipeError(
+                "--density applies to the ties shared expert; task_arithmetic keeps every "
+                "entry (pass --method ties to trim)"
+            )
         shared["normalize"] = False
     else:
         per_model["density"] = TIES_DENSITY if density is None else density
