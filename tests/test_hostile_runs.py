@@ -608,3 +608,23 @@ def test_twin_density_without_ties_is_refused():
         shared_recipe("task_arithmetic", "base", ["a", "b"], 0.3, 0.5)
     doc = yaml.safe_load(shared_recipe("ties", "base", ["a", "b"], 1.0, 0.5))
     assert [m["parameters"]["density"] for m in doc["models"]] == [0.5, 0.5]
+
+
+def test_a_gram_pass_reads_inputs_only(fam, tmp_path):
+    """Labels the head does not know stopped `stats gram`, which never reads labels; the
+    Gram of the same texts under other labels is the same, bit for bit."""
+    other = tmp_path / "other.csv"
+    text = (fam / "data.csv").read_text()
+    other.write_text(text.replace(",neg\n", ",sad\n").replace(",pos\n", ",happy\n"))
+    grams = []
+    for data in (fam / "data.csv", other):
+        out = tmp_path / f"{data.stem}.gram.safetensors"
+        code, _, err = run_cli("stats", "gram", fam / "cls1", "--data", data, "-o", out, "-q")
+        assert code == 0, err
+        grams.append(load_file(out))
+    assert grams[0].keys() == grams[1].keys() and len(grams[0]) > 0
+    assert all(torch.equal(grams[0][k], grams[1][k]) for k in grams[0])
+    line = _cli_error(
+        "stats", "fisher", fam / "cls1", "--data", other, "-o", tmp_path / "f.safetensors"
+    )
+    assert "label 'sad' is not one the head knows" in line or "'happy'" in line

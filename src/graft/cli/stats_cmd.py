@@ -97,6 +97,7 @@ def stats(
         pooling=pooling,
         max_length=max_length,
         need_head=kind == "fisher",
+        use_labels=labels,
     )
     with count_progress(f"{kind} pass", min(samples, len(dataset)), enabled=not quiet) as hook:
         path = write_stats(

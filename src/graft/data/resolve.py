@@ -9,6 +9,7 @@ Zoo tasks: ``--data task:NAME`` reads that task's split from the zoo in ``--zoo`
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from graft.data._loading import load_runner
@@ -74,11 +75,15 @@ def open_model_data(
     pooling: str | None = None,
     max_length: int | None = None,
     need_head: bool = True,
+    use_labels: bool = True,
 ) -> tuple[Runner, Dataset | None]:
     """Load a model (with its head) and a data set that fits it.
 
     Returns:
         The runner and the data mapped to the head's label ids (None without ``data``).
+
+    ``use_labels=False`` (a pass that reads inputs only, a Gram matrix) drops the data's
+    labels, so labels the head does not know are no error there.
 
     Raises:
         DataError: the model, head or data cannot be used together (one line, with the fix).
@@ -88,6 +93,8 @@ def open_model_data(
     if data is not None:
         zoo_root = default_zoo(str(data), zoo)
         dataset = read_data(data, options, zoo=zoo_root, split=split)
+        if not use_labels and dataset.labels is not None:
+            dataset = replace(dataset, labels=None, label_names=())
         if head is None:
             head = zoo_head(zoo_root, dataset.task)
     runner = load_runner(model, head=head, pooling=pooling, max_length=max_length)
