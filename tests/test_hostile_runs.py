@@ -628,3 +628,13 @@ def test_a_gram_pass_reads_inputs_only(fam, tmp_path):
         "stats", "fisher", fam / "cls1", "--data", other, "-o", tmp_path / "f.safetensors"
     )
     assert "label 'sad' is not one the head knows" in line or "'happy'" in line
+
+
+def test_a_truncated_gguf_header_is_named_as_such(tmp_path):
+    pytest.importorskip("gguf")
+    import struct
+
+    path = tmp_path / "model.gguf"  # magic, version 3, 2^63-1 tensors, 0 metadata, then EOF
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, (1 << 63) - 1, 0))
+    line = _cli_error("inspect", path)
+    assert f"cannot read GGUF file {path}: truncated or malformed" in line

@@ -155,8 +155,10 @@ def open_gguf(path: Path) -> GGUFCheckpoint:
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        # gguf's reader fails on short reads with numpy's words ("index 0 is out of bounds")
+        why = "truncated or malformed" if isinstance(e, IndexError) else str(e)[:200]
         raise GraftIOError(
-            f"cannot read GGUF file {path}: {str(e)[:200]}; re-download or re-convert it"
+            f"cannot read GGUF file {path}: {why}; re-download or re-convert it"
         ) from None
     if reader.byte_order == "S":  # swapped: the file is big-endian
         raise GraftIOError(f"{path} is a big-endian GGUF file; convert it to little-endian")
