@@ -638,3 +638,14 @@ def test_a_truncated_gguf_header_is_named_as_such(tmp_path):
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, (1 << 63) - 1, 0))
     line = _cli_error("inspect", path)
     assert f"cannot read GGUF file {path}: truncated or malformed" in line
+
+
+def test_a_tab_separated_csv_is_told_to_be_named_tsv(fam, tmp_path):
+    data = tmp_path / "tabs.csv"
+    data.write_text("text\tlabel\nthe cat sat\tpos\nthe dog ran\tneg\n")
+    line = _cli_error("eval", fam / "cls1", "--data", data)
+    assert "tab-separated file is read as such when named .tsv" in line
+    tsv = tmp_path / "tabs.tsv"
+    tsv.write_text(data.read_text())
+    code, _, err = run_cli("eval", fam / "cls1", "--data", tsv, "-q")
+    assert code == 0, err

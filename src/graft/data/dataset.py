@@ -202,9 +202,12 @@ def _read_table(path: Path, opts: DataOptions) -> Dataset:
         numeric = _numeric_table(table, opts, where)
         if numeric is not None:
             return numeric
+        fix = "pass --text-column NAME"
+        if len(table.columns) == 1 and "\t" in table.columns[0]:
+            fix = "its header holds tabs: a tab-separated file is read as such when named .tsv"
         raise DataError(
             f"{path} has no column {opts.text_column!r} (columns: "
-            f"{', '.join(table.columns[:12])}); pass --text-column NAME"
+            f"{', '.join(table.columns[:12])}); {fix}"
         )
     if opts.text_pair_column is not None and opts.text_pair_column not in table.columns:
         raise DataError(
