@@ -115,7 +115,12 @@ def test_relabel_and_subset():
         (
             "a.csv",
             "text,label\nhi,pos\nlo,\n",
-            r"a\.csv line 3, column 'label': the label is empty",
+            r"a\.csv line 3, column 'label': the label is missing or empty",
+        ),
+        (
+            "nolabel.jsonl",
+            '{"text": "a", "label": "pos"}\n{"text": "b"}\n',
+            r"nolabel\.jsonl line 2, column 'label': the label is missing or empty",
         ),
         ("b.csv", "text,label\nhi,pos,extra\n", r"b\.csv line 2: 3 fields, the header has 2"),
         ("c.csv", "txt,label\nhi,pos\n", r"c\.csv has no column 'text' \(columns: txt, label\)"),

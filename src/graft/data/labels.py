@@ -84,7 +84,7 @@ def encode_labels(
         except DataError as e:
             raise DataError(f"{place}: {e}") from None
         if name is None:
-            raise DataError(f"{place}: the label is empty; give every example a label")
+            raise DataError(f"{place}: the label is missing or empty; give every example a label")
         names.append(name)
     order = tuple(known) if known is not None else sorted_labels(names)
     index = {n: i for i, n in enumerate(order)}
