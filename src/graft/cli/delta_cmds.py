@@ -161,7 +161,12 @@ def transfer(
 
 def compress(
     delta: Path = typer.Argument(..., help="A dense delta file from `graft diff`."),
-    method: str = typer.Option(..., "--method", "-m", help="compeft, dare or lowrank."),
+    method: str = typer.Option(
+        ...,
+        "--method",
+        "-m",
+        help="compeft, dare, lowrank, or nonzero (lossless, for sparse fine-tunes).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output patch .safetensors file."),
     density: float | None = typer.Option(None, help="compeft/dare: fraction kept per tensor."),
     alpha: float | None = typer.Option(None, help="compeft: scale = alpha x std of the delta."),
