@@ -649,3 +649,14 @@ def test_a_tab_separated_csv_is_told_to_be_named_tsv(fam, tmp_path):
     tsv.write_text(data.read_text())
     code, _, err = run_cli("eval", fam / "cls1", "--data", tsv, "-q")
     assert code == 0, err
+
+
+def test_a_lora_with_the_wrong_fan_in_fan_out_is_named(fam, tmp_path):
+    adapter = tmp_path / "lora"
+    code, _, err = run_cli("extract-lora", fam / "ft1", fam / "base", "-r", 2, "-o", adapter, "-q")
+    assert code == 0, err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    line = _cli_error("apply", fam / "base", adapter, "-o", tmp_path / "out")
+    assert "the transpose" in line and "fan_in_fan_out" in line

@@ -384,6 +384,11 @@ def _overlap(name: str, have: tuple, delta: tuple, path) -> int | None:
         return None
     if len(have) == len(delta) and len(have) >= 1 and have[1:] == delta[1:]:
         return min(have[0], delta[0])
+    if len(have) == 2 and have == delta[::-1]:
+        raise DeltaError(
+            f"shape mismatch for {name}: the base has {have}, delta {path} has {delta}, the "
+            "transpose; for a LoRA adapter, its fan_in_fan_out setting does not fit this base"
+        )
     raise DeltaError(
         f"shape mismatch for {name}: the base has {have}, delta {path} has {delta}; only "
         "tensors differing in their first dimension (vocabulary rows) can be transferred"
