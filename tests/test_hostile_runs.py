@@ -660,3 +660,11 @@ def test_a_lora_with_the_wrong_fan_in_fan_out_is_named(fam, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     line = _cli_error("apply", fam / "base", adapter, "-o", tmp_path / "out")
     assert "the transpose" in line and "fan_in_fan_out" in line
+
+
+def test_inspect_of_a_file_without_tensors_names_the_file(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_file({}, path)
+    code, out, err = run_cli("inspect", path, "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["num_tensors"] == 0 and doc["files"] == [str(path)], err

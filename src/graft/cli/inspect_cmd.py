@@ -43,7 +43,9 @@ def inspect(
             "num_params": sum(i.numel for i in infos),
             "bytes": sum(i.nbytes for i in infos),
             "params_by_dtype": dict(dtype_params),
-            "files": sorted({str(i.file) for i in infos}),
+            # a file with no tensors is still the one file read
+            "files": sorted({str(i.file) for i in infos})
+            or ([str(path)] if path.is_file() else []),
         }
         quant = getattr(ckpt, "quantization", None)  # FP8 / GGUF, dequantized as read
         if quant is not None:
