@@ -668,3 +668,16 @@ def test_inspect_of_a_file_without_tensors_names_the_file(tmp_path):
     code, out, err = run_cli("inspect", path, "--json")
     doc = json.loads(out)
     assert code == 0 and doc["num_tensors"] == 0 and doc["files"] == [str(path)], err
+
+
+def test_a_scale_filter_that_matches_no_tensor_is_reported(fam, tmp_path):
+    delta = tmp_path / "d.safetensors"
+    assert run_cli("diff", fam / "ft1", fam / "base", "-o", delta, "-q")[0] == 0
+    scale = "[{filter: attention.self.quer, value: 2}, {filter: no_such_module, value: 3}]"
+    code, out, err = run_cli(
+        "apply", fam / "base", delta, "--scale", scale, "-o", tmp_path / "out", "--json"
+    )
+    assert code == 0, err
+    warnings = json.loads(out)["warnings"]
+    assert any("'no_such_module' matches no tensor" in w for w in warnings)
+    assert not any("attention.self.quer" in w for w in warnings)

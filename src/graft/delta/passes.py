@@ -43,7 +43,7 @@ from graft.io import (
 from graft.plan import default_threads, resolve_device, run_pass
 from graft.plan.arch import count_blocks, split_block_name
 from graft.recipe import evaluate_setting
-from graft.recipe._settings import parse_setting
+from graft.recipe._settings import Conditional, parse_setting
 
 __all__ = ["PairDelta", "Report", "apply", "compress", "diff", "transfer"]
 
@@ -265,7 +265,7 @@ def _add(
     settings = _scale_settings(scales, len(sources))
     jobs, overlapped, untouched = _plan_add(base, sources, settings)
     check = FiniteCheck(strict)
-    warnings: list[str] = []
+    warnings: list[str] = _unmatched_filters(settings, base.names)
 
     def work(job: _AddJob, writer: ShardedWriter) -> int:
         if job.replace is not None:
@@ -393,6 +393,19 @@ def _overlap(name: str, have: tuple, delta: tuple, path) -> int | None:
         f"shape mismatch for {name}: the base has {have}, delta {path} has {delta}; only "
         "tensors differing in their first dimension (vocabulary rows) can be transferred"
     )
+
+
+def _unmatched_filters(settings: list[Any], names: Sequence[str]) -> list[str]:
+    """A ``--scale`` filter no tensor name contains (a typo) leaves those tensors at 1;
+    say so rather than apply scale 1 silently."""
+    out = []
+    for setting in settings:
+        if not (isinstance(setting, tuple) and setting and isinstance(setting[0], Conditional)):
+            continue
+        for cond in setting:
+            if cond.filter not in (None, "*") and not any(cond.filter in n for n in names):
+                out.append(f"--scale filter {cond.filter!r} matches no tensor of the base")
+    return out
 
 
 def _scale_settings(scales: Sequence[Any], n: int) -> list[Any]:
