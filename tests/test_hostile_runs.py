@@ -681,3 +681,16 @@ def test_a_scale_filter_that_matches_no_tensor_is_reported(fam, tmp_path):
     warnings = json.loads(out)["warnings"]
     assert any("'no_such_module' matches no tensor" in w for w in warnings)
     assert not any("attention.self.quer" in w for w in warnings)
+
+
+def test_zoo_scan_leaves_graft_deltas_out_of_the_models(fam, tmp_path):
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    shutil.copytree(fam / "ft1", folder / "ft1")
+    assert run_cli("diff", fam / "ft1", fam / "base", "-o", folder / "d.safetensors", "-q")[0] == 0
+    db = tmp_path / "zoo.sqlite"
+    code, out, err = run_cli("zoo", "scan", folder, "--db", db, "--json", "-q")
+    assert code == 0, err
+    code, out, err = run_cli("zoo", "ls", "--db", db, "--json")
+    paths = [r["path"] for r in json.loads(out)]
+    assert code == 0 and len(paths) == 1 and paths[0].endswith("ft1"), paths

@@ -16,7 +16,7 @@ from graft.io._atomic import (
     scratch_dir,
     staging_part,
 )
-from graft.io._checkpoint import Checkpoint, open_checkpoint, open_model
+from graft.io._checkpoint import Checkpoint, not_a_model, open_checkpoint, open_model
 from graft.io._discover import (
     CachedSnapshot,
     discover_checkpoints,
@@ -124,6 +124,7 @@ __all__ = [
     "model_files",
     "open_adapter",
     "open_binary",
+    "not_a_model",
     "open_checkpoint",
     "open_model",
     "open_db",

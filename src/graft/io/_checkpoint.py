@@ -300,6 +300,12 @@ _NOT_MODELS = {
 }
 
 
+def not_a_model(metadata: dict[str, str]) -> str | None:
+    """What a file graft wrote is, by its safetensors metadata, when it is no model (a
+    delta, patch, statistics or head file, continual state); None otherwise."""
+    return next((what for key, what in _NOT_MODELS.items() if key in metadata), None)
+
+
 def open_model(path: str | os.PathLike) -> Checkpoint:
     """`open_checkpoint` for a path that must hold a model: graft's own deltas, patches,
     statistics, heads and continual states hold tensors of a model's names, so merging or
@@ -309,7 +315,7 @@ def open_model(path: str | os.PathLike) -> Checkpoint:
         GraftIOError: as `open_checkpoint`, or ``path`` is one of those files.
     """
     ckpt = open_checkpoint(path)
-    what = next((w for key, w in _NOT_MODELS.items() if key in ckpt.metadata), None)
+    what = not_a_model(ckpt.metadata)
     if what is not None:
         ckpt.close()
         raise GraftIOError(f"{path} is {what}, not a model; give a model folder or file")

@@ -35,6 +35,7 @@ from graft.io import (
     header_nbytes,
     is_hf_cache,
     is_model_dir,
+    not_a_model,
     open_checkpoint,
     open_db,
     read_model_card,
@@ -321,7 +322,7 @@ class ZooIndex:
             report.unchanged += 1
             return
         rec, sample = _read_model(path)
-        if rec is None:  # a graft statistics / head file
+        if rec is None:  # a file graft wrote that is no model (`graft.io.not_a_model`)
             report.not_models += 1
             if row is not None:
                 self._con.execute("DELETE FROM models WHERE id = ?", (row["id"],))
@@ -482,12 +483,13 @@ class ZooIndex:
 
 
 def _read_model(path: Path) -> tuple[dict | None, tuple | None]:
-    """Columns for one checkpoint and its ``(plan, sample)``; ``(None, None)`` for a graft
-    statistics file. Unreadable checkpoints give a row with status "error"."""
+    """Columns for one checkpoint and its ``(plan, sample)``; ``(None, None)`` for a file
+    graft wrote that is no model (statistics, head, delta, patch, continual state).
+    Unreadable checkpoints give a row with status "error"."""
     start = time.perf_counter()
     try:
         with open_checkpoint(path) as ckpt:
-            if ckpt.metadata.get("graft_statistic"):
+            if not_a_model(ckpt.metadata) is not None:
                 return None, None
             if not ckpt.names:
                 raise GraftIOError(f"{path} holds no tensors")
