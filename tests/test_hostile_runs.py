@@ -694,3 +694,20 @@ def test_zoo_scan_leaves_graft_deltas_out_of_the_models(fam, tmp_path):
     code, out, err = run_cli("zoo", "ls", "--db", db, "--json")
     paths = [r["path"] for r in json.loads(out)]
     assert code == 0 and len(paths) == 1 and paths[0].endswith("ft1"), paths
+
+
+def test_a_digits_backbone_with_nan_weights_is_refused_as_non_finite(tmp_path):
+    """The digits loader re-wraps its own ValueErrors; the NaN refusal keeps its type, so
+    `graft lint --data` reports the claims as unmeasured instead of failing."""
+    from graft.data import load_runner
+    from graft.data._loading import NonFiniteModelError
+    from graft.models.digits_net import build_backbone, default_config, save_backbone
+
+    config = default_config()
+    module = build_backbone(config)
+    name, weight = next(iter(module.named_parameters()))
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    save_backbone(module, config, tmp_path / "digits")
+    with pytest.raises(NonFiniteModelError, match=f"tensor {name} of"):
+        load_runner(tmp_path / "digits")

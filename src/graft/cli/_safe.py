@@ -41,17 +41,9 @@ def echo_json(doc: object, *, default=None) -> None:
     diverged loss, an undefined score) becomes ``null`` instead of the ``NaN`` token strict
     parsers reject, or a crash after the command's work is done."""
     import json
-    import math
 
     import typer
 
-    def finite(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [finite(v) for v in x]
-        return x
+    from graft.check.compare import jsonable
 
-    typer.echo(json.dumps(finite(doc), indent=2, allow_nan=False, default=default))
+    typer.echo(json.dumps(jsonable(doc), indent=2, allow_nan=False, default=default))

@@ -127,7 +127,6 @@ def check(
     Exit codes: 0 checked (and no --fail-on gate holds), 1 a --fail-on gate holds,
     2 bad input.
     """
-    from graft.check.compare import jsonable
     from graft.check.gates import check_gates, parse_gates
     from graft.check.run import check_models, check_predictions
 
@@ -193,7 +192,7 @@ def check(
 
         write_text(report, render_check_report(result))
     if as_json:
-        echo_json(jsonable(result))
+        echo_json(result)
     else:
         _print(result, report)
     if failed:

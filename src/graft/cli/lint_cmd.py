@@ -29,12 +29,11 @@ def lint(
     Exit codes: 0 nothing risky, 1 a risk (unsafe pickle) or an error (NaN/Inf) found,
     2 bad input.
     """
-    from graft.check.compare import jsonable
     from graft.check.lint import lint_path
 
     report = lint_path(path, data=data, task=task, zoo=zoo)
     if as_json:
-        echo_json(jsonable(report))
+        echo_json(report)
     else:
         _print(report)
     if not report["ok"]:

@@ -210,22 +210,16 @@ def _check_classifier_labels(models: list[Path]) -> None:
     """A soup of sequence classifiers averages their classifiers output by output (and is
     judged with the first one's label names), so every ingredient must name its outputs
     alike and in the same order."""
-    from graft.data._loading import resolve_model
+    from graft.data._loading import id2label_names, resolve_model
     from graft.io import open_checkpoint
 
     first: tuple[Path, tuple[str, ...]] | None = None
     for m in models:
         with open_checkpoint(resolve_model(m)) as ckpt:
             config = ckpt.config or {}
-        id2label = config.get("id2label")
-        if not isinstance(id2label, dict) or not id2label:
-            continue
-        try:
-            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-        except (TypeError, ValueError):
-            continue
-        if all(n == f"LABEL_{i}" for i, n in enumerate(labels)):
-            continue  # transformers' placeholder names: nothing to compare
+        labels = id2label_names(config.get("id2label") or {})
+        if not labels:
+            continue  # no names, or transformers' placeholders: nothing to compare
         if first is None:
             first = (m, labels)
         elif labels != first[1]:

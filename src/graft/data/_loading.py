@@ -137,9 +137,9 @@ def _load_digits(path: Path, ckpt, head) -> Runner:
 
     try:
         backbone, config = load_backbone(path)
-        check_finite(backbone.state_dict(), path)
     except ValueError as e:
         raise DataError(str(e)) from None
+    check_finite(backbone.state_dict(), path)
     head_file = _head_file(path, head)
     linear = head_file.linear if head_file else None
     if linear is not None and linear.in_features != config["hidden_size"]:
@@ -405,14 +405,21 @@ def _hidden_size(config) -> int | None:
 
 def _config_labels(config) -> tuple[str, ...] | None:
     """Label names from ``id2label`` unless they are transformers' ``LABEL_<i>`` defaults."""
-    id2label = getattr(config, "id2label", None) or {}
+    return id2label_names(getattr(config, "id2label", None) or {}, int(config.num_labels))
+
+
+def id2label_names(id2label, count: int | None = None) -> tuple[str, ...] | None:
+    """The names of outputs 0..count-1 (default: as many as ``id2label`` holds) from an
+    ``id2label`` mapping, keys ints or their strings (config.json); None when one is
+    missing or malformed, or all are transformers' ``LABEL_<i>`` placeholders."""
     try:
-        names = [str(id2label[i]) for i in range(int(config.num_labels))]
-    except KeyError:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+        names = tuple(by_index[i] for i in range(len(by_index) if count is None else count))
+    except (AttributeError, TypeError, ValueError, KeyError):
         return None
     if all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         return None
-    return tuple(names)
+    return names
 
 
 def _resolve_names(relative: list[str], prefix: str, available: set[str]) -> dict[str, str] | None:

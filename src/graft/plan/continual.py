@@ -47,7 +47,13 @@ from graft.io import (
     write_text,
 )
 from graft.merge import opcm
-from graft.plan.engine import ProgressHook, default_threads, resolve_device, run_pass
+from graft.plan.engine import (
+    ProgressHook,
+    all_finite,
+    default_threads,
+    resolve_device,
+    run_pass,
+)
 from graft.plan.plan import MergePlan, PlanError, TensorJob, plan_merge
 from graft.recipe import Recipe, load_recipe, parse_recipe
 
@@ -188,7 +194,7 @@ class _Step:
             )
         norm_sum = self.previous_norms.get(job.name, 0.0) + float(torch.linalg.vector_norm(delta))
         prev = None if self.old is None else self.old.get(job.name).to(self.dev)
-        if prev is not None and not bool(torch.isfinite(prev).all()):
+        if prev is not None and not all_finite(prev):
             raise PlanError(
                 f"tensor {job.name} of the running sum {STATE_FILE} contains NaN or Inf; was "
                 "it edited? rebuild the state from its models"
@@ -323,10 +329,12 @@ def _check_fits(
     for name, job in have.items():
         if tuple(old.info(name).shape) != job.shape or name not in norms:
             raise PlanError(f"tensor {name}: the state in {root} does not match model {model}")
-        if old.info(name).dtype not in (torch.float32, torch.float64):
+        dtype = old.info(name).dtype
+        if dtype not in (torch.float32, torch.float64):
             raise PlanError(
-                f"tensor {name} of {root / STATE_FILE} is {str(old.info(name).dtype).removeprefix('torch.')}, not a "
-                "float32/float64 running sum; was it edited? rebuild the state from its models"
+                f"tensor {name} of {root / STATE_FILE} is {str(dtype).removeprefix('torch.')}, "
+                "not a float32/float64 running sum; was it edited? rebuild the state from its "
+                "models"
             )
 
 

@@ -45,6 +45,9 @@ from graft.plan.vocab import align_rows
 _NATIVE = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_STRICT_FIX = "fix the checkpoint or drop --strict"
+
+
 class NonFiniteInputError(PlanError):
     """An input tensor holds NaN or Inf and ``strict`` was asked for."""
 
@@ -483,8 +486,8 @@ class _Worker:
         if not all_finite(t):
             msg = f"tensor {src.name} of model {src.model} contains NaN or Inf"
             if self.strict:
-                fix = self.strict if isinstance(self.strict, str) else None
-                raise NonFiniteInputError(f"{msg}; {fix or 'fix the checkpoint or drop --strict'}")
+                fix = self.strict if isinstance(self.strict, str) else _STRICT_FIX
+                raise NonFiniteInputError(f"{msg}; {fix}")
             with self._lock:
                 self.warnings.append(msg)
         return t

@@ -388,6 +388,7 @@ def align_families(
     """
     from graft.align import UnsupportedArchitecture, permutation_spec, permute, weight_matching
     from graft.io import GraftIOError, open_checkpoint
+    from graft.plan.engine import all_finite
 
     if (records[0].num_params or 0) > ALIGN_MAX_PARAMS:
         return mats, False
@@ -414,7 +415,7 @@ def align_families(
 
     def usable(k: int) -> bool:  # a model with NaN/Inf weights has no permutation to find
         if k not in finite:
-            finite[k] = all(bool(torch.isfinite(t).all()) for t in state(k).values())
+            finite[k] = all(all_finite(t) for t in state(k).values())
         return finite[k]
 
     try:
